@@ -1,0 +1,123 @@
+"""The strategy contract shared by the supervised trainer and the continual SB3 agents.
+
+A strategy never knows whether it protects a classifier or a policy. The host hands it a
+:class:`Host` adapter and calls the hooks of :class:`Strategy` in the order DESIGN.md fixes:
+
+``on_task_start`` -> per update: ``penalty`` (added to the loss), backward,
+``before_optimizer_step`` (edits ``.grad``), optimiser step, ``after_optimizer_step`` ->
+``on_task_end``; ``evaluation(task)`` wraps every evaluation of a task.
+
+Batches are mappings of tensors that share their leading (batch) dimension, e.g.
+``{"x": ..., "y": ..., "task": ...}`` for a classifier or an SB3 replay sample turned into a
+dict for SAC. Strategies store and index them without knowing the keys.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+Batch = Mapping[str, torch.Tensor]
+
+
+@runtime_checkable
+class Host(Protocol):
+    """What a host (trainer or agent) exposes to a strategy.
+
+    ``module`` owns every protected parameter; the names returned by
+    :meth:`protected_parameters` are its ``named_parameters()`` names, which lets strategies
+    call the host functionally (``torch.func``) for per-sample gradients.
+    """
+
+    module: nn.Module
+
+    def protected_parameters(self) -> dict[str, nn.Parameter]:
+        """The shared trunk the method protects (per-task heads excluded)."""
+        ...
+
+    def trained_parameters(self) -> list[nn.Parameter]:
+        """Everything the host's optimisers update (A-GEM projects all of it)."""
+        ...
+
+    def importance_batches(self) -> Iterable[Batch]:
+        """Batches of the task just finished (its training data / replay buffer / rollouts)."""
+        ...
+
+    def output_distribution(self, batch: Batch) -> torch.distributions.Distribution:
+        """The model's output distribution; must be built with ``validate_args=False`` and
+        pure tensor ops so that it can run under ``torch.func.vmap``."""
+        ...
+
+    def loss(self, batch: Batch) -> torch.Tensor:
+        """The host's training loss on a batch (scalar)."""
+        ...
+
+
+class Strategy:
+    """Base class: every hook is a no-op, so the base class is the finetune baseline.
+
+    Subclasses override only the hooks they need. ``task`` passed to the hooks is the
+    0-based index of the task in the sequence.
+    """
+
+    name: str = "finetune"
+    #: Whether an RL host should reset its training replay buffer at a task switch.
+    resets_replay_buffer: bool = True
+
+    def __init__(self) -> None:
+        self.host: Host | None = None
+        self.current_task: int | None = None
+        self.tasks_seen: int = 0
+
+    # -- wiring ----------------------------------------------------------------------------
+    def bind(self, host: Host) -> Strategy:
+        """Attach the host adapter; called once before the first task."""
+        self.host = host
+        return self
+
+    def _host(self) -> Host:
+        if self.host is None:
+            raise RuntimeError(
+                f"{type(self).__name__} is not bound to a host: call strategy.bind(host) "
+                "before the first task"
+            )
+        return self.host
+
+    # -- hooks -----------------------------------------------------------------------------
+    def on_task_start(self, task: int) -> None:
+        self.current_task = task
+
+    def penalty(self) -> torch.Tensor | None:
+        """Extra loss for the protected network; ``None`` means nothing to add."""
+        return None
+
+    def before_optimizer_step(self) -> None:
+        pass
+
+    def after_optimizer_step(self) -> None:
+        pass
+
+    def on_task_end(self, task: int) -> None:
+        self.tasks_seen = max(self.tasks_seen, task + 1)
+
+    @contextlib.contextmanager
+    def evaluation(self, task: int) -> Iterator[None]:
+        yield
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors, numbers, strings, lists and dicts only (loadable with weights_only)."""
+        return {"current_task": self.current_task, "tasks_seen": self.tasks_seen}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.current_task = state["current_task"]
+        self.tasks_seen = int(state["tasks_seen"])
+
+
+def snapshot(params: Mapping[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+    """Detached copies of parameters (anchors θ*)."""
+    return {n: p.detach().clone() for n, p in params.items()}

@@ -1,0 +1,1 @@
+"""Supervised continual-learning benchmarks (split / permuted / rotated MNIST)."""
