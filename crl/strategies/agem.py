@@ -1,0 +1,112 @@
+"""A-GEM (Chaudhry et al. 2019, "Efficient Lifelong Learning with A-GEM").
+
+After each task a fixed number of its samples goes to an episodic memory. Every update then
+computes the reference gradient ``g_ref`` of the host's loss on a memory batch drawn over all
+stored tasks; if the update's gradient ``g`` would increase that loss (``g·g_ref < 0``) it is
+projected onto the half-space where it does not:
+
+    g ← g − (g·g_ref / ‖g_ref‖²) g_ref
+
+over all trained parameters concatenated (for SAC: actor and critic together, as in Continual
+World). Parameters whose ``.grad`` is ``None`` count as zero gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from crl.strategies.base import Strategy
+from crl.strategies.memory import EpisodicMemory, check_positive_int, to_device
+
+
+class AGEM(Strategy):
+    """Averaged gradient episodic memory.
+
+    ``memory_per_task``: samples kept per finished task (uniform over its
+    ``importance_batches``). ``batch_size``: memory samples per reference gradient.
+    ``num_updates`` / ``num_projections`` count the updates that had a reference gradient and
+    those that were projected (their ratio is the conflict rate worth logging).
+    """
+
+    name = "agem"
+
+    def __init__(self, memory_per_task: int = 256, batch_size: int = 256, seed: int = 0) -> None:
+        super().__init__()
+        self.batch_size = check_positive_int("batch_size", batch_size)
+        self.memory = EpisodicMemory(memory_per_task, seed=seed)
+        self.num_updates = 0
+        self.num_projections = 0
+        #: g·g_ref of the last update, before projection (for logging).
+        self.last_dot: float | None = None
+
+    def on_task_end(self, task: int) -> None:
+        self.memory.add_task(self._host().importance_batches(), task)
+        super().on_task_end(task)
+
+    def before_optimizer_step(self) -> None:
+        if len(self.memory) == 0:
+            return
+        host = self._host()
+        params = [p for p in host.trained_parameters() if p.requires_grad]
+        if not params:
+            return
+        batch = to_device(self.memory.sample(self.batch_size), params[0].device)
+        # autograd.grad leaves .grad untouched, so g survives and g_ref never lands in .grad.
+        ref = torch.autograd.grad(host.loss(batch), params, allow_unused=True)
+        dot = None
+        ref_sq = None
+        for p, r in zip(params, ref, strict=True):
+            if r is None:
+                continue
+            rr = (r * r).sum()
+            ref_sq = rr if ref_sq is None else ref_sq + rr
+            if p.grad is not None:
+                gr = (p.grad * r).sum()
+                dot = gr if dot is None else dot + gr
+        self.num_updates += 1
+        if dot is None or ref_sq is None:
+            self.last_dot = 0.0
+            return
+        self.last_dot = float(dot)
+        if not bool(dot < 0) or not bool(ref_sq > 0):
+            return
+        coeff = dot / ref_sq
+        with torch.no_grad():
+            for p, r in zip(params, ref, strict=True):
+                if r is None:
+                    continue
+                if p.grad is None:
+                    p.grad = -coeff * r
+                else:
+                    p.grad.sub_(coeff * r)
+        self.num_projections += 1
+
+    def stats(self) -> dict[str, float]:
+        """Counters for logging."""
+        rate = self.num_projections / self.num_updates if self.num_updates else 0.0
+        return {
+            "agem/updates": float(self.num_updates),
+            "agem/projections": float(self.num_projections),
+            "agem/projection_rate": rate,
+            "agem/memory_size": float(len(self.memory)),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state.update(
+            batch_size=self.batch_size,
+            memory=self.memory.state_dict(),
+            num_updates=self.num_updates,
+            num_projections=self.num_projections,
+        )
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.batch_size = int(state["batch_size"])
+        self.memory.load_state_dict(state["memory"])
+        self.num_updates = int(state["num_updates"])
+        self.num_projections = int(state["num_projections"])

@@ -1,0 +1,165 @@
+"""Replay of earlier tasks, in the three forms the design needs.
+
+* ``mode="rehearsal"`` — experience replay for classifiers (Rebuffi et al. 2017 iCaRL's
+  exemplars; Chaudhry et al. 2019 "On Tiny Episodic Memories in Continual Learning"): the
+  finished task's samples go to a reservoir memory, and every update adds
+  ``lam * host.loss(memory batch)``. With ``lam = 1`` and equal batch sizes this is the same
+  gradient as mixing the memory batch into the training batch (up to the weighting of the two
+  halves), without the host having to know about the memory.
+* ``mode="distill"`` — policy distillation, the replay of on-policy PPO (DESIGN.md): PPO cannot
+  learn from old transitions, so the memory stores states of earlier tasks together with the
+  old model's output distribution on them (logits for categorical outputs, loc/scale for
+  Gaussian ones), and every update adds ``lam * KL(old || new)`` averaged over a memory batch.
+  On a classifier this is logit distillation in the manner of dark experience replay
+  (Buzzega et al. 2020), with a KL instead of an MSE on logits.
+* ``mode="buffer"`` — Continual World's "perfect memory" for SAC: the agent keeps its training
+  replay buffer across tasks (``resets_replay_buffer = False``); no memory, no penalty here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch.distributions import Categorical, Distribution, Independent, Normal, kl_divergence
+
+from crl.strategies.base import Batch, Strategy
+from crl.strategies.memory import ReservoirMemory, check_positive_int, to_device
+
+MODES = ("rehearsal", "distill", "buffer")
+_OLD = "__replay_old_"  # prefix of the stored distribution parameters
+_LOGITS, _LOC, _SCALE = _OLD + "logits__", _OLD + "loc__", _OLD + "scale__"
+
+
+def distribution_parameters(dist: Distribution) -> tuple[str, int, dict[str, torch.Tensor]]:
+    """(kind, reinterpreted event dims, parameters) of a categorical or diagonal Gaussian."""
+    ndims = 0
+    base = dist
+    if isinstance(dist, Independent):
+        ndims = dist.reinterpreted_batch_ndims
+        base = dist.base_dist
+    if isinstance(base, Categorical) and ndims == 0:
+        return "categorical", 0, {_LOGITS: base.logits.detach()}
+    if isinstance(base, Normal):
+        loc, scale = torch.broadcast_tensors(base.loc.detach(), base.scale.detach())
+        return "normal", ndims, {_LOC: loc, _SCALE: scale}
+    raise TypeError(
+        f"replay distillation supports Categorical, Normal and Independent(Normal) outputs, "
+        f"got {type(dist).__name__}; make host.output_distribution return one of them"
+    )
+
+
+def rebuild_distribution(kind: str, ndims: int, params: Mapping[str, torch.Tensor]) -> Distribution:
+    """The stored old distribution, rebuilt from its parameters."""
+    if kind == "categorical":
+        return Categorical(logits=params[_LOGITS], validate_args=False)
+    normal = Normal(params[_LOC], params[_SCALE], validate_args=False)
+    return Independent(normal, ndims, validate_args=False) if ndims else normal
+
+
+class Replay(Strategy):
+    """Rehearsal, distillation or a kept replay buffer (see the module docstring).
+
+    ``memory_size``: reservoir capacity (samples over all tasks). ``batch_size``: memory
+    samples per update. ``task_balanced``: equal memory quota per task instead of a reservoir
+    over the whole stream. ``lam``: weight of the replay term.
+    """
+
+    name = "replay"
+
+    def __init__(
+        self,
+        memory_size: int = 10_000,
+        batch_size: int = 64,
+        task_balanced: bool = False,
+        mode: str = "rehearsal",
+        lam: float = 1.0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"unknown replay mode {mode!r}; choose one of: {', '.join(MODES)}")
+        if (
+            not isinstance(lam, int | float)
+            or isinstance(lam, bool)
+            or not math.isfinite(lam)
+            or (lam < 0)
+        ):
+            raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
+        self.mode = mode
+        self.lam = float(lam)
+        self.batch_size = check_positive_int("batch_size", batch_size)
+        self.memory = ReservoirMemory(memory_size, task_balanced=task_balanced, seed=seed)
+        #: kind and event dims of the stored output distributions (distill mode).
+        self.dist_kind: str | None = None
+        self.dist_ndims = 0
+        if mode == "buffer":
+            self.resets_replay_buffer = False
+
+    def _device(self) -> torch.device:
+        param = next(iter(self._host().module.parameters()), None)
+        return param.device if param is not None else torch.device("cpu")
+
+    def on_task_end(self, task: int) -> None:
+        if self.mode == "rehearsal":
+            for batch in self._host().importance_batches():
+                self.memory.add(batch, task)
+        elif self.mode == "distill":
+            for batch in self._host().importance_batches():
+                self.memory.add(self._with_old_outputs(batch), task)
+        super().on_task_end(task)
+
+    def _with_old_outputs(self, batch: Batch) -> dict[str, torch.Tensor]:
+        clash = [k for k in batch if k.startswith(_OLD)]
+        if clash:
+            raise ValueError(f"batch keys {clash} collide with replay's reserved prefix {_OLD!r}")
+        with torch.no_grad():
+            kind, ndims, params = distribution_parameters(self._host().output_distribution(batch))
+        if self.dist_kind is not None and (kind, ndims) != (self.dist_kind, self.dist_ndims):
+            raise ValueError(
+                f"output distribution changed from {self.dist_kind} (event dims "
+                f"{self.dist_ndims}) to {kind} (event dims {ndims}) between tasks; replay "
+                "distillation needs one output type for the whole sequence"
+            )
+        self.dist_kind, self.dist_ndims = kind, ndims
+        return {**batch, **params}
+
+    def penalty(self) -> torch.Tensor | None:
+        if self.mode == "buffer" or len(self.memory) == 0:
+            return None
+        host = self._host()
+        sample = to_device(self.memory.sample(self.batch_size), self._device())
+        if self.mode == "rehearsal":
+            return self.lam * host.loss(sample)
+        inputs = {k: v for k, v in sample.items() if not k.startswith(_OLD)}
+        assert self.dist_kind is not None
+        old = rebuild_distribution(self.dist_kind, self.dist_ndims, sample)
+        new = host.output_distribution(inputs)
+        return self.lam * kl_divergence(old, new).mean()
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state.update(
+            mode=self.mode,
+            lam=self.lam,
+            batch_size=self.batch_size,
+            dist_kind=self.dist_kind,
+            dist_ndims=self.dist_ndims,
+            memory=self.memory.state_dict(),
+        )
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state["mode"] != self.mode:
+            raise ValueError(
+                f"checkpoint is for replay mode {state['mode']!r} but this one is {self.mode!r}; "
+                f"construct Replay(mode={state['mode']!r})"
+            )
+        super().load_state_dict(state)
+        self.lam = float(state["lam"])
+        self.batch_size = int(state["batch_size"])
+        self.dist_kind = state["dist_kind"]
+        self.dist_ndims = int(state["dist_ndims"])
+        self.memory.load_state_dict(state["memory"])
