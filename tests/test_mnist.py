@@ -324,9 +324,7 @@ def test_no_network_no_files(tmp_path: Path) -> None:
     assert list(d.iterdir()) == []
 
 
-def test_env_mirrors_and_cache_dir(
-    served, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_env_mirrors_and_cache_dir(served, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     server, sums = served
     monkeypatch.delenv(ENV_DATA_DIR, raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))

@@ -344,8 +344,13 @@ def load_mnist(
                 paths[key] = target / fname
                 continue
             got, errors = download_file(
-                fname, target, mirror_list, sums[fname],
-                retries=retries, timeout=timeout, backoff=backoff,
+                fname,
+                target,
+                mirror_list,
+                sums[fname],
+                retries=retries,
+                timeout=timeout,
+                backoff=backoff,
             )
             if got is None:
                 failures[fname] = errors
