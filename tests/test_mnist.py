@@ -218,6 +218,13 @@ class _Server:
                 if self.path.startswith("/broken/"):
                     self.send_error(500, "boom")
                     return
+                if self.path.startswith("/short/"):  # promises more bytes than it sends
+                    self.send_response(200)
+                    self.send_header("Content-Length", "100000")
+                    self.end_headers()
+                    self.wfile.write(b"\x1f\x8b" + bytes(100))
+                    self.close_connection = True
+                    return
                 super().do_GET()
 
             def log_message(self, *args) -> None:
@@ -284,6 +291,21 @@ def test_retries_across_mirrors(served, tmp_path: Path) -> None:
     assert len(m.train_labels) == 30
     first = MNIST_FILES["train_images"]
     assert server.requests[:3] == [f"/missing/{first}", f"/broken/{first}", f"/good/{first}"]
+
+
+def test_interrupted_download_leaves_nothing(served, tmp_path: Path) -> None:
+    server, sums = served
+    server.requests.clear()
+    d = tmp_path / "d"
+    with pytest.raises(MNISTError, match="connection closed after 102 of 100000 bytes"):
+        load_mnist(d, mirrors=[server.url + "/short/"], checksums=sums, **_quick())
+    assert list(d.iterdir()) == []
+    assert server.requests.count("/short/" + FILENAMES[0]) == 2  # retried (retries=2)
+
+
+def test_bad_mirror_url_rejected(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="http\\(s\\):// or file://"):
+        load_mnist(tmp_path, mirrors=["example.org/mnist"])
 
 
 def test_checksum_mismatch_not_kept(served, tmp_path: Path) -> None:

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import http.client
 import math
 import os
 import struct
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import warnings
 import zlib
@@ -190,6 +192,11 @@ def resolve_mirrors(mirrors: Sequence[str] | str | None = None) -> list[str]:
     if isinstance(mirrors, str):
         mirrors = mirrors.split(",")
     out = [m.strip() for m in mirrors if m and m.strip()]
+    bad = [m for m in out if urllib.parse.urlsplit(m).scheme not in ("http", "https", "file")]
+    if bad:
+        raise ValueError(
+            f"MNIST mirrors must be http(s):// or file:// base URLs, got {', '.join(bad)}"
+        )
     if not out:
         raise ValueError(
             f"no MNIST mirror given; pass base URLs such as {MIRRORS[0]!r} via mirrors= "
@@ -219,16 +226,20 @@ def _fetch(url: str, dest: Path, md5: str, timeout: float) -> None:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
     tmp = Path(tmp_name)
     try:
-        digest = hashlib.md5()
+        digest = hashlib.md5(usedforsecurity=False)
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(req, timeout=timeout) as resp:
             total = int(resp.headers.get("Content-Length") or 0) or None
             with tqdm(
                 total=total, unit="B", unit_scale=True, desc=dest.name, leave=False, disable=None
             ) as bar:
+                received = 0
                 while chunk := resp.read(1 << 16):
                     out.write(chunk)
                     digest.update(chunk)
+                    received += len(chunk)
                     bar.update(len(chunk))
+        if total is not None and received != total:  # worth a retry, unlike a wrong checksum
+            raise ConnectionError(f"connection closed after {received} of {total} bytes")
         actual = digest.hexdigest()
         if actual != md5.lower():
             raise _ChecksumMismatch(
@@ -274,7 +285,8 @@ def download_file(
                 errors.append(f"{url}: HTTP {exc.code} {exc.reason}")
                 if 400 <= exc.code < 500 and exc.code not in (408, 429):
                     active.remove(base)
-            except (urllib.error.URLError, OSError) as exc:  # refused, DNS, timeout, reset
+            except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+                # refused, DNS, timeout, reset, body shorter than Content-Length
                 reason = getattr(exc, "reason", exc)
                 errors.append(f"{url}: {reason}")
         if not active:
