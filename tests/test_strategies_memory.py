@@ -475,7 +475,7 @@ def test_distill_penalty_is_the_hand_computed_kl(kind, new_a, new_b, kl):
         host.module["a"].copy_(torch.tensor(new_a))
         host.module["b"].copy_(torch.tensor(new_b))
     pen = rep.penalty()
-    assert math.isclose(float(pen), 2.0 * kl, rel_tol=1e-5)
+    assert math.isclose(pen.item(), 2.0 * kl, rel_tol=1e-5)
     pen.backward()
     assert host.module["a"].grad is not None
 
@@ -497,7 +497,7 @@ def test_distill_on_a_classifier_is_zero_then_positive_and_round_trips():
     loaded = Replay(memory_size=16, batch_size=8, mode="distill").bind(host)
     loaded.load_state_dict(state)
     p1, p2 = rep.penalty(), loaded.penalty()
-    assert float(p1) > 1e-4
+    assert p1.item() > 1e-4
     assert torch.equal(p1, p2)
 
 
