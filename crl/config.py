@@ -112,4 +112,4 @@ def split_list(value: Any, cast: type = str) -> list[Any]:
     if value is None:
         return []
     items = value if isinstance(value, (list, tuple)) else str(value).split(",")
-    return [cast(str(v).strip()) if cast is not str else str(v).strip() for v in items if str(v).strip()]
+    return [cast(str(v).strip()) for v in items if str(v).strip()]

@@ -1,4 +1,4 @@
-"""Continual-learning methods, one module each, all on the contract in :mod:`crl.strategies.base`."""
+"""Continual-learning methods, one module each, on the contract in :mod:`crl.strategies.base`."""
 
 from __future__ import annotations
 

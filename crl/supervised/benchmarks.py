@@ -144,7 +144,7 @@ class Benchmark:
 def iterate_batches(
     x: torch.Tensor,
     y: torch.Tensor,
-    task: int,
+    task: int | torch.Tensor,
     batch_size: int,
     *,
     shuffle: bool = True,
@@ -154,6 +154,9 @@ def iterate_batches(
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Mini-batches as dicts ``{"x", "y", "task"}`` (the shape strategies and hosts expect).
 
+    ``task`` is one task id for all rows, or a tensor of per-row ids (mixed-task data such
+    as joint training).
+
     Shuffling uses ``generator`` if given (pass the same one across epochs to get a new order
     each epoch), else a generator seeded with ``seed``, else torch's global RNG.
     """
@@ -162,6 +165,9 @@ def iterate_batches(
     if len(x) != len(y):
         raise ValueError(f"x has {len(x)} rows but y has {len(y)}")
     n = len(y)
+    ids = torch.full((n,), task, dtype=torch.int64) if isinstance(task, int) else task.long()
+    if len(ids) != n:
+        raise ValueError(f"task ids have {len(ids)} rows but y has {n}")
     if shuffle:
         if generator is None and seed is not None:
             generator = torch.Generator().manual_seed(seed)
@@ -174,7 +180,7 @@ def iterate_batches(
         yield {
             "x": x[idx],
             "y": y[idx],
-            "task": torch.full((len(idx),), task, dtype=torch.int64),
+            "task": ids[idx],
         }
 
 
