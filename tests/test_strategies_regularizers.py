@@ -9,7 +9,14 @@ import warnings
 import pytest
 import torch
 from torch import nn
-from torch.distributions import Bernoulli, Categorical, Independent, Normal
+from torch.distributions import (
+    Bernoulli,
+    Categorical,
+    Independent,
+    Normal,
+    TanhTransform,
+    TransformedDistribution,
+)
 
 from crl.strategies import make_strategy
 from crl.strategies.ewc import EWC
@@ -78,11 +85,15 @@ class GaussianModule(nn.Module):
 class GaussianHost(SoftmaxHost):
     def __init__(self, x: torch.Tensor, linear_std: bool = False, independent: bool = True):
         self.module = GaussianModule(x.shape[1], 2, linear_std)
-        self.x, self.y, self.independent = x, None, independent
+        self.x, self.y, self.independent, self.squash = x, None, independent, False
 
     def output_distribution(self, batch):
         mu, std = self.module(batch["x"])
         dist = Normal(mu, std, validate_args=False)
+        if self.squash:
+            return TransformedDistribution(
+                Independent(dist, 1, validate_args=False), [TanhTransform()], validate_args=False
+            )
         return Independent(dist, 1, validate_args=False) if self.independent else dist
 
     def mean_std(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -214,6 +225,33 @@ def test_gaussian_fisher_state_independent_std():
     # a plain Normal (no Independent) is the same diagonal Gaussian
     host.independent = False
     assert_close(fisher_diagonal(host), expected)
+    # tanh squashing is invertible: the Fisher is that of the pre-tanh Gaussian
+    host.squash = True
+    assert_close(fisher_diagonal(host), expected)
+
+
+def test_gaussian_sampled_and_empirical_fisher():
+    x = make_x(1).repeat(4000, 1)
+    host = GaussianHost(x)
+    set_params(host.module, 27)
+    mu, std = host.mean_std()
+    s2 = std[0] ** 2
+    # d log N(a; μ, σ)/dc = (a − μ)/σ², d/de = (a − μ)²/σ² − 1: expectations 1/σ² and 2
+    expected = {
+        "mean.weight": x[0] ** 2 / s2[:, None],
+        "mean.bias": 1 / s2,
+        "e": torch.full((2,), 2.0),
+    }
+    assert_close(fisher_diagonal(host, "sampled", seed=0), expected, tol=0.2)
+    host.x = x[:3]
+    host.y = torch.tensor([[0.5, -1.0], [2.0, 0.0], [-0.3, 0.4]])  # actions taken
+    r = (host.y - mu[:3]) / s2  # (a − μ)/σ² per sample
+    hand = {
+        "mean.weight": (r**2).mean(0)[:, None] * x[0] ** 2,
+        "mean.bias": (r**2).mean(0),
+        "e": (((host.y - mu[:3]) ** 2 / s2 - 1) ** 2).mean(0),
+    }
+    assert_close(fisher_diagonal(host, "empirical"), hand)
 
 
 def test_gaussian_fisher_linear_std():
