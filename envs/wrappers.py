@@ -1,0 +1,242 @@
+"""Task perturbations and observation transforms, by name (see :data:`WRAPPERS`).
+
+Two kinds of entries:
+
+* physics perturbations (``cartpole_physics``, ``pendulum_physics``, ``mujoco_physics``):
+  they change attributes of ``env.unwrapped`` (or its MuJoCo model) once, in their
+  constructor, and pass steps through untouched; ``reset`` keeps the change because these
+  envs never reload their parameters. They are wrappers (not bare functions) so that
+  ``env.spec`` records them and ``env.spec.make()`` rebuilds the perturbed task.
+* wrappers built on Gymnasium's own (``TransformAction``, ``TransformObservation``,
+  ``ObservationWrapper``): swapped/negated actions, flipped or noisy observations, padding.
+
+All are module-level functions or classes so that task specs that name them pickle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+from gymnasium.wrappers import TransformAction, TransformObservation
+
+from envs.spec import EnvConfigError
+
+# -- actions ---------------------------------------------------------------------------------
+
+
+def _lookup(table: tuple[int, ...], action: Any) -> int:
+    return table[int(action)]
+
+
+def permute_actions(env: gym.Env, permutation: Sequence[int]) -> gym.Env:
+    """Discrete actions: the agent's action ``a`` executes ``permutation[a]``.
+
+    ``[1, 0]`` on CartPole swaps left and right, so the optimal policy of the swapped task
+    is the opposite of the original's (the forgetting demo relies on it).
+    """
+    space = env.action_space
+    if not isinstance(space, spaces.Discrete):
+        raise EnvConfigError(
+            f"permute_actions needs a Discrete action space, got {space}. For Box actions use "
+            "'negate_actions'."
+        )
+    if int(space.start) != 0:
+        raise EnvConfigError("permute_actions supports Discrete spaces that start at 0 only.")
+    perm = tuple(int(p) for p in permutation)
+    if sorted(perm) != list(range(int(space.n))):
+        raise EnvConfigError(
+            f"permute_actions: {list(permutation)} is not a permutation of "
+            f"{list(range(int(space.n)))}."
+        )
+    return TransformAction(env, partial(_lookup, perm), space)
+
+
+def negate_actions(env: gym.Env) -> gym.Env:
+    """Box actions: the env receives ``-a`` (e.g. reversed torque on Pendulum).
+
+    Only symmetric bounds keep the action space unchanged, so others are refused.
+    """
+    space = env.action_space
+    if not isinstance(space, spaces.Box) or not np.array_equal(space.low, -space.high):
+        raise EnvConfigError(
+            f"negate_actions needs a Box action space with symmetric bounds, got {space}."
+        )
+    return TransformAction(env, np.negative, space)
+
+
+# -- observations ----------------------------------------------------------------------------
+
+
+def _flip(axes: tuple[int, ...], obs: np.ndarray) -> np.ndarray:
+    # contiguous copy: negative strides break torch.as_tensor and some buffers
+    return np.ascontiguousarray(np.flip(obs, axes))
+
+
+def flip_observation(env: gym.Env, axes: int | Sequence[int] = -1) -> gym.Env:
+    """Mirror a Box observation along ``axes`` (``-1``: left/right on an H×W frame,
+    ``-2``: up/down), as the flipped Pong variants of the progressive-networks paper
+    (Rusu et al. 2016). Apply it before frame stacking."""
+    space = env.observation_space
+    if not isinstance(space, spaces.Box):
+        raise EnvConfigError(f"flip_observation needs a Box observation space, got {space}.")
+    ax = (axes,) if isinstance(axes, int) else tuple(int(a) for a in axes)
+    for a in ax:
+        if not -len(space.shape) <= a < len(space.shape):
+            raise EnvConfigError(
+                f"flip_observation: axis {a} is out of range for observations of shape "
+                f"{space.shape}."
+            )
+    flipped = spaces.Box(
+        np.flip(space.low, ax).copy(), np.flip(space.high, ax).copy(), dtype=space.dtype
+    )
+    return TransformObservation(env, partial(_flip, ax), flipped)
+
+
+class NoisyObservation(gym.ObservationWrapper, gym.utils.RecordConstructorArgs):
+    """Add Gaussian noise with standard deviation ``std`` to every observation, clipped to the
+    space's bounds (the "noisy" Pong of Rusu et al. 2016, pixel units for images).
+
+    The noise generator is reseeded by ``reset(seed=...)``, so seeded runs are reproducible.
+    """
+
+    def __init__(self, env: gym.Env, std: float, seed: int | None = None):
+        gym.utils.RecordConstructorArgs.__init__(self, std=std, seed=seed)
+        gym.ObservationWrapper.__init__(self, env)
+        space = env.observation_space
+        if not isinstance(space, spaces.Box):
+            raise EnvConfigError(f"noisy_observation needs a Box observation space, got {space}.")
+        if not std > 0:
+            raise EnvConfigError(f"noisy_observation: std must be > 0, got {std}.")
+        self._std = float(std)
+        self._low = space.low.astype(np.float64)
+        self._high = space.high.astype(np.float64)
+        self._dtype = space.dtype
+        self._integer = np.issubdtype(space.dtype, np.integer)
+        self._rng = np.random.default_rng(seed)
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        if seed is not None:
+            self._rng = np.random.default_rng([seed, 0x6E6F6973])  # distinct from the env's
+        return super().reset(seed=seed, options=options)
+
+    def observation(self, observation: np.ndarray) -> np.ndarray:
+        noisy = observation + self._rng.normal(0.0, self._std, size=observation.shape)
+        np.clip(noisy, self._low, self._high, out=noisy)
+        if self._integer:
+            np.rint(noisy, out=noisy)
+        return noisy.astype(self._dtype, copy=False)
+
+
+class PadObservation(gym.ObservationWrapper, gym.utils.RecordConstructorArgs):
+    """Zero-pad a flat Box observation to ``size`` entries, so tasks with fewer state
+    variables share the sequence's observation space. The padding's bounds are [0, 0]."""
+
+    def __init__(self, env: gym.Env, size: int):
+        gym.utils.RecordConstructorArgs.__init__(self, size=size)
+        gym.ObservationWrapper.__init__(self, env)
+        space = env.observation_space
+        if not isinstance(space, spaces.Box) or len(space.shape) != 1:
+            raise EnvConfigError(
+                f"Padding needs flat (1-D) Box observations, got {space}; only such control "
+                "tasks can be padded."
+            )
+        extra = int(size) - space.shape[0]
+        if extra < 0:
+            raise EnvConfigError(f"Cannot pad {space.shape[0]} entries down to {size}.")
+        self._pad = np.zeros(extra, dtype=space.dtype)
+        self.observation_space = spaces.Box(
+            np.concatenate((space.low, self._pad)),
+            np.concatenate((space.high, self._pad)),
+            dtype=space.dtype,
+        )
+
+    def observation(self, observation: np.ndarray) -> np.ndarray:
+        return np.concatenate((observation, self._pad))
+
+
+# -- in-place physics ------------------------------------------------------------------------
+
+
+class CartPolePhysics(gym.Wrapper, gym.utils.RecordConstructorArgs):
+    """Set CartPole's physical constants (absolute values, SI units as in
+    ``gymnasium.envs.classic_control.CartPoleEnv``; ``length`` is the pole's half-length) and
+    recompute the derived ``total_mass`` and ``polemass_length`` that its dynamics use.
+
+    The change is made once, here; the wrapper only records it (so ``env.spec`` rebuilds the
+    same task) and passes steps through.
+    """
+
+    def __init__(
+        self,
+        env: gym.Env,
+        gravity: float | None = None,
+        masscart: float | None = None,
+        masspole: float | None = None,
+        length: float | None = None,
+        force_mag: float | None = None,
+    ):
+        values = dict(
+            gravity=gravity, masscart=masscart, masspole=masspole, length=length,
+            force_mag=force_mag,
+        )
+        gym.utils.RecordConstructorArgs.__init__(self, **values)
+        gym.Wrapper.__init__(self, env)
+        u = env.unwrapped
+        if not hasattr(u, "polemass_length"):
+            raise EnvConfigError(f"cartpole_physics applies to CartPole envs only, got {u}.")
+        for key, value in values.items():
+            if value is None:
+                continue
+            if not value > 0:
+                raise EnvConfigError(f"cartpole_physics: {key} must be > 0, got {value}.")
+            setattr(u, key, float(value))
+        u.total_mass = u.masspole + u.masscart
+        u.polemass_length = u.masspole * u.length
+
+
+class PendulumPhysics(gym.Wrapper, gym.utils.RecordConstructorArgs):
+    """Set Pendulum's gravity ``g``, mass ``m`` and length ``l`` (absolute values, the
+    attribute names of ``gymnasium.envs.classic_control.PendulumEnv``), once, here."""
+
+    def __init__(
+        self,
+        env: gym.Env,
+        g: float | None = None,
+        m: float | None = None,
+        l: float | None = None,  # noqa: E741
+    ):
+        gym.utils.RecordConstructorArgs.__init__(self, g=g, m=m, l=l)
+        gym.Wrapper.__init__(self, env)
+        u = env.unwrapped
+        if not all(hasattr(u, a) for a in ("g", "m", "l", "max_torque")):
+            raise EnvConfigError(f"pendulum_physics applies to Pendulum envs only, got {u}.")
+        for key, value in dict(g=g, m=m, l=l).items():
+            if value is None:
+                continue
+            if not value > 0:
+                raise EnvConfigError(f"pendulum_physics: {key} must be > 0, got {value}.")
+            setattr(u, key, float(value))
+
+
+def _mujoco_physics(env: gym.Env, **kwargs: Any) -> gym.Env:
+    from envs.mujoco import MujocoPhysics
+
+    return MujocoPhysics(env, **kwargs)
+
+
+WRAPPERS: dict[str, Callable[..., gym.Env]] = {
+    "permute_actions": permute_actions,
+    "negate_actions": negate_actions,
+    "flip_observation": flip_observation,
+    "noisy_observation": NoisyObservation,
+    "pad_observation": PadObservation,
+    "cartpole_physics": CartPolePhysics,
+    "pendulum_physics": PendulumPhysics,
+    "mujoco_physics": _mujoco_physics,
+}
+"""Short names usable in :class:`envs.spec.WrapperSpec` and in YAML sequence files."""
