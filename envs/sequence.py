@@ -92,9 +92,12 @@ class TaskSequence:
             raise EnvConfigError(
                 f"Sequence {self.name!r}: seed must be a non-negative integer, got {self.seed!r}."
             )
-        for t in tasks:  # unknown ids fail now where the ids' extra is installed
+        for i, t in enumerate(tasks):  # unknown ids fail now where the ids' extra is installed
             if t.requirements_available():
-                t.check_env_id()
+                try:
+                    t.check_env_id()
+                except EnvConfigError as exc:
+                    raise EnvConfigError(f"Sequence {self.name!r}, task {i}: {exc}") from exc
 
     # -- schedule --------------------------------------------------------------------------
     @property

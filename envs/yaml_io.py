@@ -129,16 +129,21 @@ def _task(entry: Any, where: str) -> TaskSpec:
     for key in ("requires",):
         if key in entry and not isinstance(entry[key], list):
             raise EnvConfigError(f"{where}: {key} must be a list, got {entry[key]!r}.")
-    return TaskSpec(
-        entry["env_id"],
-        kwargs=entry.get("kwargs") or {},
-        wrappers=[_wrapper(w, f"{where}, wrapper {j}") for j, w in enumerate(wrappers)],
-        name=entry.get("name") or "",
-        low=entry.get("low"),
-        high=entry.get("high"),
-        requires=entry.get("requires") or (),
-        extra=entry.get("extra"),
-    )
+    try:
+        return TaskSpec(
+            entry["env_id"],
+            kwargs=entry.get("kwargs") or {},
+            wrappers=[_wrapper(w, f"{where}, wrapper {j}") for j, w in enumerate(wrappers)],
+            name=entry.get("name") or "",
+            low=entry.get("low"),
+            high=entry.get("high"),
+            requires=entry.get("requires") or (),
+            extra=entry.get("extra"),
+        )
+    except EnvConfigError as exc:
+        if str(exc).startswith(where):
+            raise
+        raise EnvConfigError(f"{where}: {exc}") from exc
 
 
 def sequence_from_dict(data: Any, source: str = "<dict>") -> TaskSequence:
