@@ -22,7 +22,8 @@ Each task env is reset with its own seed from ``sequence.task_seeds`` the first 
 (and again after ``reset(seed=...)``), so a seed fixes every task's first observations.
 
 The step path does no space checks and no dict copies: one inner ``step``, two ``info``
-stores, one counter and one comparison (plus one ``np.concatenate`` with the one-hot).
+stores, one counter and one comparison (plus, with the one-hot, one copy of the observation
+into a preallocated ``[observation | one-hot]`` buffer and one copy out).
 """
 
 from __future__ import annotations
@@ -39,17 +40,19 @@ from envs.spaces import UnifiedSpaces, unify_spaces
 from envs.spec import EnvConfigError
 from envs.wrappers import PadObservation
 
+_NONE, _FLAT, _DICT = 0, 1, 2  # how the task id joins the observation
+
 SwitchMode = Literal["immediate", "episode"]
 SWITCH_MODES = ("immediate", "episode")
 
 
 def _build_task_envs(
-    sequence: TaskSequence, render_mode: str | None
+    sequence: TaskSequence, render_mode: str | None, lean: bool = False
 ) -> tuple[list[gym.Env], UnifiedSpaces]:
     envs: list[gym.Env] = []
     try:
         for task in sequence.tasks:
-            envs.append(task.make(render_mode=render_mode))
+            envs.append(task.make(render_mode=render_mode, lean=lean))
         unified = unify_spaces(
             sequence.name,
             sequence.task_names,
@@ -122,7 +125,11 @@ class ContinualEnv(gym.Env):
         self.switch_mode: SwitchMode = switch_mode
         self.append_task_id = bool(append_task_id)
         self.render_mode = render_mode
-        self._envs, unified = _build_task_envs(sequence, render_mode)
+        # The task envs are built without Gymnasium's PassiveEnvChecker and OrderEnforcing:
+        # each is a wrapper layer on every step; this env checks the spaces (unify_spaces),
+        # enforces reset-before-step itself at no per-step cost (_step_before_reset), and
+        # gymnasium.make("crl/...") puts both wrappers around this env.
+        self._envs, unified = _build_task_envs(sequence, render_mode, lean=True)
         self.action_space = unified.action_space
         self._inner_observation_space = unified.observation_space
         first_meta = self._envs[0].metadata
@@ -131,14 +138,21 @@ class ContinualEnv(gym.Env):
             "render_fps": first_meta.get("render_fps"),
         }
         n = sequence.num_tasks
-        self._dict_obs = False
+        self._id_mode = _NONE
+        self._one_hots: list[np.ndarray] | None = None
         if self.append_task_id:
             self.observation_space, dtype = _task_id_space(unified.observation_space, n)
-            self._dict_obs = isinstance(self.observation_space, spaces.Dict)
-            self._one_hots: list[np.ndarray] | None = _one_hots(n, dtype)
+            self._one_hots = _one_hots(n, dtype)
+            if isinstance(self.observation_space, spaces.Dict):
+                self._id_mode = _DICT
+            else:
+                self._id_mode = _FLAT
+                # preallocated [observation | one-hot]: per step, one copy in and one out
+                self._obs_size = unified.observation_space.shape[0]
+                self._obs_buffer = np.zeros(self.observation_space.shape, dtype)
+                self._obs_head = self._obs_buffer[: self._obs_size]
         else:
             self.observation_space = unified.observation_space
-            self._one_hots = None
         self._task_seeds = sequence.task_seeds()
         self._needs_seed = [True] * n
         self._stage_ends = sequence.stage_ends
@@ -185,8 +199,14 @@ class ContinualEnv(gym.Env):
         self._task = self._schedule[stage]
         self._task_name = self.sequence.tasks[self._task].name
         self._env = self._envs[self._task]
+        self._step = self._step_before_reset  # the task's step, bound at its first reset
         self._stage_end = self._stage_ends[stage]
-        self._one_hot = None if self._one_hots is None else self._one_hots[self._task]
+        if self._one_hots is None:
+            self._one_hot = None
+        else:
+            self._one_hot = self._one_hots[self._task]
+            if self._id_mode == _FLAT:  # the task's one-hot sits in the buffer's tail
+                self._obs_buffer[self._obs_size :] = self._one_hot
         self.switch_history.append((self._t, stage, self._task))
 
     def _advance(self) -> None:
@@ -230,28 +250,40 @@ class ContinualEnv(gym.Env):
             task_seed = self._task_seeds[task]
             self._needs_seed[task] = False
         obs, info = self._env.reset(seed=task_seed, options=options)
+        self._step = self._env.step  # bound once: one attribute lookup less per step
         info["task_index"] = task
         info["task_name"] = self._task_name
         info["stage"] = self._stage
-        if self._one_hot is not None:
+        if self._id_mode:
             obs = self._with_task_id(obs)
         return obs, info
 
     def step(self, action: Any):
-        obs, reward, terminated, truncated, info = self._env.step(action)
-        self._t += 1
+        obs, reward, terminated, truncated, info = self._step(action)
         info["task_index"] = self._task
         info["task_name"] = self._task_name
-        if self._t >= self._stage_end:
+        self._t = t = self._t + 1
+        if t >= self._stage_end:
             truncated = self._on_stage_end(terminated, truncated, info)
-        if self._one_hot is not None:
-            obs = self._with_task_id(obs)
+        mode = self._id_mode
+        if mode == _FLAT:
+            self._obs_head[...] = obs
+            obs = self._obs_buffer.copy()
+        elif mode:
+            obs = {"observation": obs, "task_id": self._one_hot.copy()}
         return obs, reward, terminated, truncated, info
 
+    def _step_before_reset(self, action: Any):
+        raise gym.error.ResetNeeded(
+            f"Call reset() before step(): task {self._task_name!r} of sequence "
+            f"{self.sequence.name!r} has not been reset since it became active."
+        )
+
     def _with_task_id(self, obs: Any) -> Any:
-        if self._dict_obs:
+        if self._id_mode == _DICT:
             return {"observation": obs, "task_id": self._one_hot.copy()}
-        return np.concatenate((obs, self._one_hot))
+        self._obs_head[...] = obs
+        return self._obs_buffer.copy()
 
     def render(self):
         return self._env.render()

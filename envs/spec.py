@@ -9,6 +9,7 @@ and can be written in a YAML file.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib
 import math
@@ -181,14 +182,24 @@ class TaskSpec:
             "atari extra, MuJoCo ids the mujoco extra."
         )
 
-    def make(self, render_mode: str | None = None, **overrides: Any) -> gym.Env:
-        """Build the task's env: ``gymnasium.make(env_id, **kwargs)`` then the wrappers."""
+    def make(
+        self, render_mode: str | None = None, *, lean: bool = False, **overrides: Any
+    ) -> gym.Env:
+        """Build the task's env: ``gymnasium.make(env_id, **kwargs)`` then the wrappers.
+
+        ``lean=True`` leaves out Gymnasium's ``PassiveEnvChecker`` and ``OrderEnforcing``
+        layers, for hosts that check spaces and call order themselves (``ContinualEnv``).
+        """
         self.check_env_id()
         kwargs = {**self.kwargs, **overrides}
         if render_mode is not None:
             kwargs["render_mode"] = render_mode
+        env_id: str | gym.envs.registration.EnvSpec = self.env_id
+        if lean:
+            env_id = dataclasses.replace(gym.spec(self.env_id), order_enforce=False)
+            kwargs["disable_env_checker"] = True
         try:
-            env = gym.make(self.env_id, **kwargs)
+            env = gym.make(env_id, **kwargs)
         except gym.error.DependencyNotInstalled as exc:
             raise MissingExtraError(
                 f"Task {self.name!r} ({self.env_id}) needs a package that is not installed: "

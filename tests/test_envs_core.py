@@ -99,6 +99,14 @@ def test_episode_mode_skips_a_stage_shorter_than_the_episode():
     assert env.switch_history == [(0, 0, 0), (4, 1, 1), (4, 2, 2)]
 
 
+def test_step_before_reset_is_refused():
+    env = ContinualEnv(cartpoles(5))
+    with pytest.raises(gym.error.ResetNeeded, match="Call reset"):
+        env.step(0)
+    env.reset(seed=0)
+    env.step(0)
+
+
 def test_immediate_mode_truncates_mid_episode():
     s = cartpoles(6, horizon=4)
     recs = run(ContinualEnv(s), 12)
