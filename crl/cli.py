@@ -225,5 +225,26 @@ def list_methods() -> None:
     console.print(t)
 
 
+@list_group.command("sequences")
+def list_sequences() -> None:
+    """Built-in task sequences with their tasks and default budget."""
+    from envs.registry import sequence_rows  # lazy: crl itself never imports envs
+
+    t = Table(title="task sequences  (gymnasium.make(ID) after `import envs`)")
+    for col in ("name", "gymnasium id", "tasks", "steps / task", "cycles", "total steps",
+                "extra"):
+        t.add_column(col)
+    for r in sequence_rows():
+        tasks = r["tasks"] if isinstance(r["tasks"], str) else ", ".join(r["tasks"])
+        extra = r["extra"] or "-"
+        if r["extra"] and not r["installed"]:
+            extra += " (not installed)"
+        steps = r["steps_per_task"]
+        steps = f"{steps:,}" if isinstance(steps, int) else str(steps)
+        t.add_row(r["name"], r["gym_id"], tasks, steps, str(r["cycles"]),
+                  f"{r['total_steps']:,}", extra)
+    console.print(t)
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
