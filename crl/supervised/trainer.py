@@ -185,9 +185,9 @@ def run_sequence(
                 updates += 1
                 bar.update()
                 if on_update is not None and updates % config.log_every == 0:
-                    row = {"train/loss": float(loss)}
+                    row = {"train/loss": loss.item()}
                     if penalty is not None:
-                        row["train/penalty"] = float(penalty)
+                        row["train/penalty"] = penalty.item()
                     on_update(updates, row)
         bar.close()
         strategy.on_task_end(i)
@@ -228,7 +228,7 @@ def run_joint(
             optimizer.step()
             updates += 1
             if on_update is not None and updates % config.log_every == 0:
-                on_update(updates, {"train/loss": float(loss)})
+                on_update(updates, {"train/loss": loss.item()})
     final = evaluate_all(model, benchmark, None, config.eval_batch_size)
     elapsed = time.perf_counter() - start
     return SupervisedResult("joint", final[None, :], initial, [elapsed], updates)

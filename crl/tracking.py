@@ -1,0 +1,191 @@
+"""Run tracking: a local run directory (the source of truth) mirrored to Weights & Biases.
+
+The run directory holds ``config.yaml`` (resolved config), ``metrics.jsonl`` (append-only,
+one JSON object per line), ``results.json`` (final metrics, written atomically), ``plots/``
+(PNG) and, unless W&B is disabled, W&B's own ``wandb/`` folder. W&B runs offline by default:
+no account and no network needed, ``wandb sync`` uploads later. Logging never stops
+training: if W&B cannot start or log, the run goes on with the local directory alone.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+import yaml
+
+from crl.plots import plot_matrix_heatmap
+
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+def to_builtin(value: Any) -> Any:
+    """numpy/torch scalars and arrays → JSON-able Python values (nan/inf become None)."""
+    if isinstance(value, Mapping):
+        return {str(k): to_builtin(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_builtin(v) for v in value]
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
+        return to_builtin(value.tolist())
+    if isinstance(value, (bool, int, str)) or value is None:
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Path):
+        return str(value)
+    return str(value)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temporary file and ``os.replace`` so a crash never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class RunTracker:
+    """One run: local directory + optional W&B mirror. Use as a context manager."""
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        config: Mapping[str, Any],
+        *,
+        wandb_mode: str = "offline",
+        project: str = "crl",
+        group: str | None = None,
+        name: str | None = None,
+        tags: Sequence[str] | None = None,
+        job_type: str | None = None,
+        resume_id: str | None = None,
+    ) -> None:
+        if wandb_mode not in WANDB_MODES:
+            raise ValueError(
+                f"wandb mode must be one of {', '.join(WANDB_MODES)}, got {wandb_mode!r}"
+            )
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "plots").mkdir(exist_ok=True)
+        self.config = to_builtin(dict(config))
+        atomic_write_text(
+            self.run_dir / "config.yaml", yaml.safe_dump(self.config, sort_keys=False)
+        )
+        self._metrics = (self.run_dir / "metrics.jsonl").open("a")
+        self.finished = False
+        self.wandb_mode = "disabled"
+        self.wandb_run: Any = None
+        if wandb_mode != "disabled":
+            self._start_wandb(wandb_mode, project, group, name, tags, job_type, resume_id)
+
+    # -- W&B -------------------------------------------------------------------------------
+    def _start_wandb(self, mode: str, project: str, group: str | None, name: str | None,
+                     tags: Sequence[str] | None, job_type: str | None,
+                     resume_id: str | None) -> None:
+        """Start W&B in ``mode``; online falling over goes offline, offline failing goes off."""
+        import wandb
+
+        modes = [mode, "offline"] if mode == "online" else [mode]
+        for m in modes:
+            try:
+                self.wandb_run = wandb.init(
+                    mode=m, dir=str(self.run_dir), config=self.config, project=project,
+                    group=group, name=name, tags=list(tags) if tags else None,
+                    job_type=job_type, id=resume_id, resume="allow" if resume_id else None,
+                    reinit="create_new", settings=wandb.Settings(silent=True,
+                                                                 console="off"),
+                )
+                self.wandb_mode = m
+                break
+            except Exception as exc:  # noqa: BLE001 - any W&B failure must not stop a run
+                warnings.warn(f"W&B could not start in {m} mode ({exc}); "
+                              + ("trying offline" if m == "online" else "logging locally only"),
+                              RuntimeWarning, stacklevel=3)
+        if self.wandb_run is not None:
+            atomic_write_text(self.run_dir / "wandb_run.json", json.dumps(
+                {"id": self.wandb_run.id, "mode": self.wandb_mode, "project": project,
+                 "group": group, "name": name}, indent=1))
+
+    def _wandb(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> None:
+        if self.wandb_run is None:
+            return
+        try:
+            fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001
+            warnings.warn(f"W&B {what} failed ({exc}); continuing with local logging only",
+                          RuntimeWarning, stacklevel=3)
+            self.wandb_run = None
+
+    # -- logging ---------------------------------------------------------------------------
+    def log(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        """Append one row to metrics.jsonl (flushed) and mirror it to W&B."""
+        row = to_builtin(dict(metrics))
+        if step is not None:
+            row = {"step": int(step)} | row
+        self._metrics.write(json.dumps(row) + "\n")
+        self._metrics.flush()
+        if self.wandb_run is not None:
+            payload = {k: v for k, v in row.items() if k != "step" and v is not None}
+            self._wandb("log", self.wandb_run.log, payload, step=step)
+
+    def log_image(self, key: str, path: str | Path) -> None:
+        if self.wandb_run is not None:
+            import wandb
+
+            self._wandb("image", lambda: self.wandb_run.log({key: wandb.Image(str(path))}))
+
+    def log_matrix(self, key: str, matrix: np.ndarray, row_labels: Sequence[str],
+                   col_labels: Sequence[str]) -> Path:
+        """Heatmap PNG in plots/, and in W&B a Table of the matrix plus the heatmap image."""
+        matrix = np.asarray(matrix, dtype=float)
+        path = plot_matrix_heatmap(matrix, self.run_dir / "plots" / f"{key}.png",
+                                   list(row_labels), list(col_labels), title=key)
+        if self.wandb_run is not None:
+            import wandb
+
+            def _log() -> None:
+                table = wandb.Table(columns=["after task", *col_labels],
+                                    data=[[r, *map(float, row)]
+                                          for r, row in zip(row_labels, matrix, strict=True)])
+                self.wandb_run.log({f"{key}/table": table, f"{key}/heatmap": wandb.Image(
+                    str(path))})
+
+            self._wandb("matrix", _log)
+        return path
+
+    def finish(self, results: Mapping[str, Any] | None = None, *, failed: bool = False) -> None:
+        """Write results.json, put final metrics in the W&B summary, close everything."""
+        if self.finished:
+            return
+        self.finished = True
+        if results is not None:
+            clean = to_builtin(dict(results))
+            atomic_write_text(self.run_dir / "results.json", json.dumps(clean, indent=1))
+            if self.wandb_run is not None:
+                scalars = {k: v for k, v in clean.items() if isinstance(v, (int, float))}
+                self._wandb("summary", self.wandb_run.summary.update, scalars)
+        self._metrics.close()
+        if self.wandb_run is not None:
+            self._wandb("finish", self.wandb_run.finish, exit_code=1 if failed else 0)
+
+    def __enter__(self) -> RunTracker:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.finish(failed=exc_type is not None)
