@@ -32,6 +32,7 @@ class AGEM(Strategy):
     """
 
     name = "agem"
+    needs_joint_update = True
 
     def __init__(self, memory_per_task: int = 256, batch_size: int = 256, seed: int = 0) -> None:
         super().__init__()

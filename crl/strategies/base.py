@@ -67,6 +67,11 @@ class Strategy:
     name: str = "finetune"
     #: Whether an RL host should reset its training replay buffer at a task switch.
     resets_replay_buffer: bool = True
+    #: Whether a host with several optimisers (SAC: actor, critic) must compute every
+    #: gradient before any step and call ``before_optimizer_step`` once over all of them
+    #: (A-GEM projects actor and critic together, as in CW). Otherwise a host may step its
+    #: optimisers one after another (SB3's order), calling the step hooks around each.
+    needs_joint_update: bool = False
 
     def __init__(self) -> None:
         self.host: Host | None = None

@@ -1,0 +1,1 @@
+"""Continual stable-baselines3 agents (SAC, PPO) on crl's strategy core."""
