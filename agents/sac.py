@@ -1,0 +1,478 @@
+"""ContinualSAC: stable-baselines3's SAC trained on a task sequence with a crl strategy.
+
+SB3 has no hook inside ``SAC.train()``, so :meth:`ContinualSAC.train` replaces it around one
+function, :meth:`ContinualSAC.batch_losses`, which computes SAC's three losses on a batch
+(Haarnoja et al. 2018, "Soft Actor-Critic Algorithms and Applications": the clipped double-Q
+critic loss, the actor loss ``E[α log π(a|s) − min_i Q_i(s, a)]`` and the temperature loss).
+Training, A-GEM's reference gradient and the strategies' ``host.loss`` all go through it.
+
+Two update orders:
+
+* default (SB3's, reproduced exactly): temperature step, critic step, then the actor loss is
+  evaluated with the *updated* critic and the actor steps; the strategy's
+  ``before/after_optimizer_step`` hooks wrap each of the critic and actor steps;
+* joint (``strategy.needs_joint_update``, A-GEM as in Continual World): all losses on the
+  same parameters, one backward, ONE ``before_optimizer_step`` over actor + critic (the
+  projection), every optimiser steps, ONE ``after_optimizer_step``.
+
+In both the actor loss sees the critic as a fixed function (its parameters do not receive the
+actor loss's gradient), so ``host.loss`` = critic loss + actor loss has the actor-loss
+gradient on the actor and the critic-loss gradient on the critic, as CW computes them.
+
+Task switches follow Continual World's defaults (Wołczyk et al. 2021), each configurable:
+reset the replay buffer (never under ``Replay(mode="buffer")``, which gets a reservoir buffer
+instead), reset every optimiser's state, keep the critic, act uniformly at random for the
+first ``exploration_steps`` of each task (SB3's ``learning_starts``, re-armed per task), and
+optionally learn one entropy coefficient per task.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from gymnasium import spaces
+from stable_baselines3 import SAC
+from stable_baselines3.common.base_class import maybe_make_env
+from stable_baselines3.common.buffers import ReplayBuffer
+from stable_baselines3.common.utils import polyak_update
+from stable_baselines3.sac.policies import SACPolicy
+from torch import nn
+from torch.distributions import Distribution, Independent, Normal
+from torch.nn import functional as F
+
+from agents.continual import ContinualAgent, build_strategy, check_num_tasks
+from agents.sac_buffer import TaskReplayBuffer
+from agents.sac_policy import MultiHeadActor, MultiHeadSACPolicy, task_index
+from crl.strategies import Batch, Strategy
+
+
+@dataclass
+class SACLosses:
+    """The losses of one batch (``actor_loss`` is None until the critic step, if any)."""
+
+    critic_loss: torch.Tensor
+    ent_coef: torch.Tensor
+    ent_coef_loss: torch.Tensor | None
+    actor_loss: torch.Tensor | None = None
+
+
+def _check_positive_int(name: str, value: int, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+class SACHost:
+    """The strategy's view of a ContinualSAC (crl.strategies.base.Host).
+
+    ``module`` is the SB3 policy; protected parameters are the actor trunk (plus its output
+    layers when single-head) and, with ``regularize_critic``, the critic trunks (plus their
+    output layers when single-head). Per-task heads are never protected.
+    """
+
+    def __init__(self, agent: ContinualSAC) -> None:
+        self.agent = agent
+        self.module: nn.Module = agent.policy
+        self._protected = self._select_protected()
+        self._trained = [
+            p
+            for opt in (agent.actor.optimizer, agent.critic.optimizer)
+            for group in opt.param_groups
+            for p in group["params"]
+        ]
+
+    def _select_protected(self) -> dict[str, nn.Parameter]:
+        multi = self.agent.multi_head
+        out: dict[str, nn.Parameter] = {}
+        for name, p in self.module.named_parameters():
+            if name.startswith("actor."):
+                if multi and name.startswith(("actor.mu.", "actor.log_std.")):
+                    continue
+                out[name] = p
+            elif name.startswith("critic.") and self.agent.regularize_critic:
+                if multi and ".head." in name:
+                    continue
+                out[name] = p
+        return out
+
+    def protected_parameters(self) -> dict[str, nn.Parameter]:
+        return dict(self._protected)
+
+    def trained_parameters(self) -> list[nn.Parameter]:
+        return list(self._trained)
+
+    def importance_batches(self) -> Iterator[Batch]:
+        return self.agent.task_batches()
+
+    def output_distribution(self, batch: Batch) -> Distribution:
+        """The pre-tanh Gaussian (CW); its Fisher equals the squashed policy's.
+
+        Strategies differentiate it only w.r.t. the protected parameters (importance, which
+        swaps those in with torch.func), so the unprotected heads enter as constants: their
+        autograd history would otherwise leak into the stored importance tensors.
+        """
+        actor = self.agent.actor
+        if isinstance(actor, MultiHeadActor):
+            mean, log_std = actor.dist_params(batch["obs"], constant_heads=True)
+        else:
+            mean, log_std, _ = actor.get_action_dist_params(batch["obs"])
+        normal = Normal(mean, log_std.exp(), validate_args=False)
+        return Independent(normal, 1, validate_args=False)
+
+    def loss(self, batch: Batch) -> torch.Tensor:
+        losses = self.agent.batch_losses(batch)
+        assert losses.actor_loss is not None
+        return losses.critic_loss + losses.actor_loss
+
+
+class ContinualSAC(ContinualAgent, SAC):
+    """SB3 SAC + a continual-learning strategy (see the module docstring).
+
+    ``num_tasks``: length of the sequence (one head per task). ``multi_head``: per-task
+    heads on the actor and the critics (needs the task one-hot at the end of the
+    observation: ``ContinualEnv(append_task_id=True)``); False = SB3's own layers.
+    ``reset_buffer`` / ``reset_optimizer``: CW's task-switch resets. ``exploration_steps``:
+    uniform random actions (and no updates) for the first steps of every task; replaces
+    SB3's ``learning_starts``. ``per_task_entropy``: one learned entropy coefficient per task,
+    each sample using its task's. ``regularize_critic``: the strategy also protects the critic
+    trunks. ``importance_samples`` / ``importance_batch_size``: how much of the finished
+    task's replay data the strategy sees at ``end_task``, and in what batch size.
+    """
+
+    def __init__(
+        self,
+        policy: str | type[SACPolicy],
+        env: Any,
+        *,
+        strategy: Strategy | str = "finetune",
+        strategy_options: Mapping[str, Any] | None = None,
+        num_tasks: int,
+        multi_head: bool = True,
+        reset_buffer: bool = True,
+        reset_optimizer: bool = True,
+        exploration_steps: int = 10_000,
+        per_task_entropy: bool = False,
+        regularize_critic: bool = False,
+        importance_samples: int = 2048,
+        importance_batch_size: int = 256,
+        **sb3_kwargs: Any,
+    ) -> None:
+        check_num_tasks(num_tasks)
+        if "learning_starts" in sb3_kwargs:
+            raise ValueError(
+                "ContinualSAC re-arms SB3's learning_starts at every task: pass "
+                "exploration_steps=... instead of learning_starts"
+            )
+        self.exploration_steps = _check_positive_int("exploration_steps", exploration_steps, 0)
+        self.importance_samples = _check_positive_int("importance_samples", importance_samples)
+        self.importance_batch_size = _check_positive_int(
+            "importance_batch_size", importance_batch_size
+        )
+        self.multi_head = bool(multi_head)
+        self.reset_buffer = bool(reset_buffer)
+        self.per_task_entropy = bool(per_task_entropy)
+        self.regularize_critic = bool(regularize_critic)
+        self.num_tasks = num_tasks
+
+        env = maybe_make_env(env, int(sb3_kwargs.get("verbose", 0)))
+        _check_spaces(env)
+        seed = sb3_kwargs.get("seed")
+        built = build_strategy(strategy, strategy_options, num_tasks, seed)
+
+        policy = self._resolve_policy(policy, sb3_kwargs)
+        if sb3_kwargs.get("replay_buffer_class") is None and sb3_kwargs.get("n_steps", 1) == 1:
+            sb3_kwargs["replay_buffer_class"] = TaskReplayBuffer
+            kwargs = dict(sb3_kwargs.get("replay_buffer_kwargs") or {})
+            kwargs.setdefault("reservoir", not built.resets_replay_buffer)
+            kwargs.setdefault("seed", seed)
+            sb3_kwargs["replay_buffer_kwargs"] = kwargs
+        super().__init__(policy, env, learning_starts=self.exploration_steps, **sb3_kwargs)
+        self._importance_rng = np.random.default_rng(seed)
+        self._init_continual(built, None, num_tasks, seed, reset_optimizer)
+
+    def _resolve_policy(
+        self, policy: str | type[SACPolicy], sb3_kwargs: dict[str, Any]
+    ) -> str | type[SACPolicy]:
+        if not self.multi_head:
+            return policy
+        if policy in ("MlpPolicy", SACPolicy):
+            policy = MultiHeadSACPolicy
+        elif isinstance(policy, str):
+            raise ValueError(
+                f"multi-head ContinualSAC supports policy='MlpPolicy' (state observations), "
+                f"got {policy!r}; use multi_head=False for SB3's {policy}"
+            )
+        if isinstance(policy, type) and issubclass(policy, MultiHeadSACPolicy):
+            sb3_kwargs["policy_kwargs"] = {
+                **(sb3_kwargs.get("policy_kwargs") or {}),
+                "num_tasks": self.num_tasks,
+            }
+        return policy
+
+    def _setup_model(self) -> None:
+        super()._setup_model()
+        if self.per_task_entropy:
+            if self.log_ent_coef is None:
+                raise ValueError(
+                    "per_task_entropy=True learns one entropy coefficient per task and needs "
+                    f"ent_coef='auto' (or 'auto_<init>'), got ent_coef={self.ent_coef!r}"
+                )
+            init = self.log_ent_coef.detach().reshape(-1)[0]
+            self.log_ent_coef = init.repeat(self.num_tasks).requires_grad_(True)
+            self.ent_coef_optimizer = torch.optim.Adam([self.log_ent_coef], lr=self.lr_schedule(1))
+
+    def _excluded_save_params(self) -> list[str]:
+        # Strategy state lives in continual_state_dict(); the host refers back to the agent.
+        return [*super()._excluded_save_params(), "strategy", "host", "_importance_rng"]
+
+    # -- ContinualAgent hooks ------------------------------------------------------------
+    def _make_host(self) -> SACHost:
+        return SACHost(self)
+
+    def _optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        out = {"actor": self.actor.optimizer, "critic": self.critic.optimizer}
+        if self.ent_coef_optimizer is not None:
+            out["ent_coef"] = self.ent_coef_optimizer
+        return out
+
+    def _on_task_switch(self, task: int, first: bool) -> dict[str, Any]:
+        buffer_reset = not first and self.reset_buffer and self.strategy.resets_replay_buffer
+        if buffer_reset:
+            self.replay_buffer.reset()  # type: ignore[union-attr]
+        if isinstance(self.replay_buffer, TaskReplayBuffer):
+            self.replay_buffer.current_task = task
+        self.learning_starts = self.num_timesteps + self.exploration_steps
+        return {"buffer_reset": buffer_reset, "learning_starts": self.learning_starts}
+
+    def _extra_continual_state(self) -> dict[str, Any]:
+        return {"learning_starts": int(self.learning_starts)}
+
+    def _load_extra_continual_state(self, state: Mapping[str, Any]) -> None:
+        self.learning_starts = int(state["learning_starts"])
+        if isinstance(self.replay_buffer, TaskReplayBuffer) and self.current_task is not None:
+            self.replay_buffer.current_task = self.current_task
+
+    # -- data of the finished task -------------------------------------------------------
+    def task_batches(self) -> Iterator[Batch]:
+        """Up to ``importance_samples`` transitions of the running task, without replacement,
+        from the replay buffer, as dict batches (obs, actions, next_obs, rewards, dones)."""
+        buf = self.replay_buffer
+        if not isinstance(buf, ReplayBuffer) or isinstance(buf.observations, dict):
+            raise TypeError(
+                f"ContinualSAC reads the finished task from a flat ReplayBuffer, got "
+                f"{type(buf).__name__}"
+            )
+        if isinstance(buf, TaskReplayBuffer):
+            slots = buf.task_slots(-1 if self.current_task is None else self.current_task)
+        else:  # unknown writer per slot: whatever the buffer holds (reset at each switch)
+            upper = buf.buffer_size if buf.full else buf.pos
+            slots = np.arange(upper)
+        n = min(self.importance_samples, len(slots))
+        if n == 0:
+            return
+        rng = self._importance_rng
+        chosen = rng.choice(slots, size=n, replace=False)
+        envs = rng.integers(0, buf.n_envs, size=n)
+        for start in range(0, n, self.importance_batch_size):
+            idx = chosen[start : start + self.importance_batch_size]
+            env = envs[start : start + self.importance_batch_size]
+            if buf.optimize_memory_usage:
+                next_obs = buf.observations[(idx + 1) % buf.buffer_size, env]
+            else:
+                next_obs = buf.next_observations[idx, env]
+            dones = buf.dones[idx, env] * (1 - buf.timeouts[idx, env])
+            yield {
+                "obs": buf.to_torch(buf.observations[idx, env]),
+                "actions": buf.to_torch(buf.actions[idx, env]),
+                "next_obs": buf.to_torch(next_obs),
+                "rewards": buf.to_torch(buf.rewards[idx, env].reshape(-1, 1)),
+                "dones": buf.to_torch(dones.reshape(-1, 1)),
+            }
+
+    # -- the losses of a batch -----------------------------------------------------------
+    @contextlib.contextmanager
+    def _critic_as_function(self) -> Iterator[None]:
+        """The actor loss differentiates through Q(s, ·) but must not train the critic."""
+        params = [p for q in self.critic.q_networks for p in q.parameters()]
+        if not self.critic.share_features_extractor:
+            params += list(self.critic.features_extractor.parameters())
+        flags = [p.requires_grad for p in params]
+        for p in params:
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p, flag in zip(params, flags, strict=True):
+                p.requires_grad_(flag)
+
+    def _entropy_terms(
+        self, obs: torch.Tensor, log_prob: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.ent_coef_optimizer is None or self.log_ent_coef is None:
+            return self.ent_coef_tensor, None
+        log_alpha = self.log_ent_coef
+        if self.per_task_entropy:
+            log_alpha = log_alpha[task_index(obs, self.num_tasks)].reshape(-1, 1)
+        assert isinstance(self.target_entropy, float)
+        ent_coef = torch.exp(log_alpha.detach())
+        loss = -(log_alpha * (log_prob + self.target_entropy).detach()).mean()
+        return ent_coef, loss
+
+    def batch_losses(
+        self,
+        batch: Batch,
+        between: Callable[[SACLosses], None] | None = None,
+    ) -> SACLosses:
+        """SAC's losses on ``batch`` (keys obs, actions, next_obs, rewards, dones and
+        optionally discounts). ``between`` runs after the critic and temperature losses and
+        before the actor loss is evaluated: SB3's order steps those optimisers there, so the
+        actor loss sees the updated critic."""
+        obs = batch["obs"]
+        discounts = batch.get("discounts")
+        if discounts is None:
+            discounts = self.gamma
+        if self.use_sde:
+            self.actor.reset_noise()
+        actions_pi, log_prob = self.actor.action_log_prob(obs)
+        log_prob = log_prob.reshape(-1, 1)
+        ent_coef, ent_coef_loss = self._entropy_terms(obs, log_prob)
+
+        with torch.no_grad():
+            next_actions, next_log_prob = self.actor.action_log_prob(batch["next_obs"])
+            next_q = torch.cat(self.critic_target(batch["next_obs"], next_actions), dim=1)
+            next_q, _ = torch.min(next_q, dim=1, keepdim=True)
+            next_q = next_q - ent_coef * next_log_prob.reshape(-1, 1)
+            target_q = batch["rewards"] + (1 - batch["dones"]) * discounts * next_q
+
+        current_q = self.critic(obs, batch["actions"])
+        critic_loss = 0.5 * sum(F.mse_loss(q, target_q) for q in current_q)
+        assert isinstance(critic_loss, torch.Tensor)
+        losses = SACLosses(critic_loss=critic_loss, ent_coef=ent_coef, ent_coef_loss=ent_coef_loss)
+        if between is not None:
+            between(losses)
+
+        with self._critic_as_function():
+            q_pi = torch.cat(self.critic(obs, actions_pi), dim=1)
+        min_q_pi, _ = torch.min(q_pi, dim=1, keepdim=True)
+        losses.actor_loss = (ent_coef * log_prob - min_q_pi).mean()
+        return losses
+
+    # -- updates ---------------------------------------------------------------------------
+    def _penalty(self) -> torch.Tensor | None:
+        return self.strategy.penalty()
+
+    def _step(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+        optimizer.zero_grad()
+        loss.backward()
+        self.strategy.before_optimizer_step()
+        optimizer.step()
+        self.strategy.after_optimizer_step()
+
+    def _sequential_update(self, batch: Batch) -> tuple[SACLosses, torch.Tensor | None]:
+        """SB3's order: temperature, critic (with the old actor), actor (with the new critic)."""
+
+        def step_critic(losses: SACLosses) -> None:
+            if losses.ent_coef_loss is not None and self.ent_coef_optimizer is not None:
+                self.ent_coef_optimizer.zero_grad()
+                losses.ent_coef_loss.backward()
+                self.ent_coef_optimizer.step()
+            critic_loss = losses.critic_loss
+            if self.regularize_critic:
+                penalty = self._penalty()
+                if penalty is not None:
+                    critic_loss = critic_loss + penalty
+            self._step(self.critic.optimizer, critic_loss)
+
+        losses = self.batch_losses(batch, step_critic)
+        assert losses.actor_loss is not None
+        penalty = self._penalty()
+        actor_loss = losses.actor_loss if penalty is None else losses.actor_loss + penalty
+        self._step(self.actor.optimizer, actor_loss)
+        return losses, penalty
+
+    def _joint_update(self, batch: Batch) -> tuple[SACLosses, torch.Tensor | None]:
+        """CW's joint update: every gradient on the same parameters, one projection."""
+        losses = self.batch_losses(batch)
+        assert losses.actor_loss is not None
+        optimizers = self._optimizers()
+        for optimizer in optimizers.values():
+            optimizer.zero_grad()
+        penalty = self._penalty()
+        # The actor loss reaches only the actor, the critic loss only the critic; the penalty
+        # reaches what it protects (the critic trunk only with regularize_critic).
+        total = losses.critic_loss + losses.actor_loss
+        if penalty is not None:
+            total = total + penalty
+        if losses.ent_coef_loss is not None:
+            total = total + losses.ent_coef_loss
+        total.backward()
+        self.strategy.before_optimizer_step()
+        for optimizer in optimizers.values():
+            optimizer.step()
+        self.strategy.after_optimizer_step()
+        return losses, penalty
+
+    def train(self, gradient_steps: int, batch_size: int = 64) -> None:
+        self.policy.set_training_mode(True)
+        optimizers = list(self._optimizers().values())
+        self._update_learning_rate(optimizers)
+        update = self._joint_update if self.strategy.needs_joint_update else self._sequential_update
+
+        ent_coef_losses, ent_coefs, penalties = [], [], []
+        actor_losses, critic_losses = [], []
+        for gradient_step in range(gradient_steps):
+            data = self.replay_buffer.sample(batch_size, env=self._vec_normalize_env)  # type: ignore[union-attr]
+            batch = {
+                "obs": data.observations,
+                "actions": data.actions,
+                "next_obs": data.next_observations,
+                "rewards": data.rewards,
+                "dones": data.dones,
+            }
+            if data.discounts is not None:
+                batch["discounts"] = data.discounts
+            losses, penalty = update(batch)
+            assert losses.actor_loss is not None
+            critic_losses.append(losses.critic_loss.item())
+            actor_losses.append(losses.actor_loss.item())
+            ent_coefs.append(losses.ent_coef.mean().item())
+            if losses.ent_coef_loss is not None:
+                ent_coef_losses.append(losses.ent_coef_loss.item())
+            if penalty is not None:
+                penalties.append(penalty.item())
+            if gradient_step % self.target_update_interval == 0:
+                polyak_update(self.critic.parameters(), self.critic_target.parameters(), self.tau)
+                polyak_update(self.batch_norm_stats, self.batch_norm_stats_target, 1.0)
+
+        self._n_updates += gradient_steps
+        self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
+        self.logger.record("train/ent_coef", np.mean(ent_coefs))
+        self.logger.record("train/actor_loss", np.mean(actor_losses))
+        self.logger.record("train/critic_loss", np.mean(critic_losses))
+        if ent_coef_losses:
+            self.logger.record("train/ent_coef_loss", np.mean(ent_coef_losses))
+        if penalties:
+            self.logger.record("train/penalty", np.mean(penalties))
+
+
+def _check_spaces(env: Any) -> None:
+    action_space = getattr(env, "action_space", None)
+    if not isinstance(action_space, spaces.Box):
+        raise ValueError(
+            f"SAC needs a continuous (Box) action space, but the env's action space is "
+            f"{action_space}; use the PPO agent (--agent ppo) for discrete-action sequences"
+        )
+    observation_space = getattr(env, "observation_space", None)
+    if not isinstance(observation_space, spaces.Box):
+        raise ValueError(
+            f"ContinualSAC supports Box observations (state tasks), got {observation_space}; "
+            "image or Dict observations need the PPO agent"
+        )
+
+
+__all__ = ["ContinualSAC", "SACHost", "SACLosses"]
