@@ -27,19 +27,18 @@ from typing import Any
 
 import numpy as np
 
-#: row label -> (method, options); labels are what --methods selects. Strengths were picked
-#: once, on seed 0 of permuted-MNIST, from small grids (L2 and MAS: 1, 0.1, 0.01; EWC: 1000,
-#: 100, 30, 10; online EWC: 300, 30) and are used unchanged in every setting. Memories: 1000
-#: samples for replay (1/8 of the training set), 256 per task for A-GEM.
+#: row label -> (method, options over crl.supervised.experiment.SUPERVISED_METHOD_DEFAULTS,
+#: where the strengths and memory sizes are set and explained); labels are what --methods
+#: selects.
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "finetune": ("finetune", {}),
-    "l2": ("l2", {"lam": 0.01}),
-    "ewc": ("ewc", {"lam": 10.0, "max_samples": 256}),
-    "ewc-online": ("ewc", {"lam": 30.0, "mode": "online", "gamma": 1.0, "max_samples": 256}),
-    "mas": ("mas", {"lam": 0.01, "max_samples": 256}),
-    "packnet": ("packnet", {"retrain_steps": 100}),
-    "agem": ("agem", {"memory_per_task": 256, "batch_size": 256}),
-    "replay": ("replay", {"memory_size": 1000, "batch_size": 128}),
+    "l2": ("l2", {}),
+    "ewc": ("ewc", {}),
+    "ewc-online": ("ewc", {"lam": 30.0, "mode": "online", "gamma": 1.0}),
+    "mas": ("mas", {}),
+    "packnet": ("packnet", {}),
+    "agem": ("agem", {}),
+    "replay": ("replay", {}),
     "joint": ("joint", {}),
 }
 SETTINGS = {

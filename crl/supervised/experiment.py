@@ -32,6 +32,27 @@ from crl.tracking import RunTracker
 
 JOINT = "joint"
 
+#: Supervised defaults for options the user leaves unset. Strengths were picked once on
+#: permuted-MNIST (seed 0, mnist-10k, 1 epoch, 400-400 MLP) from small grids (L2, MAS: 1,
+#: 0.1, 0.01; EWC: 1000, 100, 30, 10; online EWC: 300, 30); importance uses 256 samples
+#: per task (the exact true Fisher over 10 classes costs ~10 per-sample gradients each).
+SUPERVISED_METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "l2": {"lam": 0.01},
+    "ewc": {"lam": 10.0, "max_samples": 256},
+    "mas": {"lam": 0.01, "max_samples": 256},
+    "packnet": {"retrain_steps": 100},
+    "agem": {"memory_per_task": 256, "batch_size": 256},
+    "replay": {"memory_size": 1000, "batch_size": 128},
+}
+
+
+def method_options_for(config: SupervisedConfig, n_tasks: int) -> dict[str, Any]:
+    """The method's constructor options: defaults < user options; task count and seed."""
+    options = SUPERVISED_METHOD_DEFAULTS.get(config.method, {}) | config.method_options.get(
+        config.method, {}
+    )
+    return {"num_tasks": n_tasks, "seed": config.seed} | options
+
 
 @dataclass
 class SupervisedConfig:
@@ -136,6 +157,9 @@ def run_experiment(
     resolved = config.to_dict() | {
         "resolved_scenario": benchmark.scenario,
         "resolved_tasks": len(benchmark.tasks),
+        "resolved_method_options": (
+            {} if config.method == JOINT else method_options_for(config, len(benchmark.tasks))
+        ),
     }
     task_names = [t.name for t in benchmark.tasks]
     with RunTracker(
@@ -164,10 +188,9 @@ def run_experiment(
                 benchmark, model, config.trainer, seed=config.seed, on_update=on_update
             )
         else:
-            options = dict(config.method_options.get(config.method, {}))
-            options.setdefault("num_tasks", len(benchmark.tasks))
-            options.setdefault("seed", config.seed)
-            strategy = make_strategy(config.method, **options)
+            strategy = make_strategy(
+                config.method, **method_options_for(config, len(benchmark.tasks))
+            )
             result = run_sequence(
                 benchmark,
                 model,
