@@ -10,7 +10,8 @@ Two update orders:
 
 * default (SB3's, reproduced exactly): temperature step, critic step, then the actor loss is
   evaluated with the *updated* critic and the actor steps; the strategy's
-  ``before/after_optimizer_step`` hooks wrap each of the critic and actor steps;
+  ``before/after_optimizer_step`` hooks wrap each of the critic and actor steps (the
+  critic's "after" hook waits for the actor's backward, see ``_sequential_update``);
 * joint (``strategy.needs_joint_update``, A-GEM as in Continual World): all losses on the
   same parameters, one backward, ONE ``before_optimizer_step`` over actor + critic (the
   projection), every optimiser steps, ONE ``after_optimizer_step``.
@@ -366,15 +367,15 @@ class ContinualSAC(ContinualAgent, SAC):
     def _penalty(self) -> torch.Tensor | None:
         return self.strategy.penalty()
 
-    def _step(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
-        optimizer.zero_grad()
-        loss.backward()
-        self.strategy.before_optimizer_step()
-        optimizer.step()
-        self.strategy.after_optimizer_step()
-
     def _sequential_update(self, batch: Batch) -> tuple[SACLosses, torch.Tensor | None]:
-        """SB3's order: temperature, critic (with the old actor), actor (with the new critic)."""
+        """SB3's order: temperature, critic (with the old actor), actor (with the new critic).
+
+        The critic's ``after_optimizer_step`` runs once the actor's backward is done: a hook
+        that writes parameters in place (PackNet restoring frozen weights) would otherwise
+        invalidate the actor graph, which was built before the critic step (SB3's order)
+        and holds the actor and critic weights. Hooks that are no-ops keep SB3's numbers.
+        """
+        strategy = self.strategy
 
         def step_critic(losses: SACLosses) -> None:
             if losses.ent_coef_loss is not None and self.ent_coef_optimizer is not None:
@@ -386,13 +387,21 @@ class ContinualSAC(ContinualAgent, SAC):
                 penalty = self._penalty()
                 if penalty is not None:
                     critic_loss = critic_loss + penalty
-            self._step(self.critic.optimizer, critic_loss)
+            self.critic.optimizer.zero_grad()
+            critic_loss.backward()
+            strategy.before_optimizer_step()
+            self.critic.optimizer.step()
 
         losses = self.batch_losses(batch, step_critic)
         assert losses.actor_loss is not None
         penalty = self._penalty()
         actor_loss = losses.actor_loss if penalty is None else losses.actor_loss + penalty
-        self._step(self.actor.optimizer, actor_loss)
+        self.actor.optimizer.zero_grad()
+        actor_loss.backward()
+        strategy.after_optimizer_step()  # the critic step's
+        strategy.before_optimizer_step()
+        self.actor.optimizer.step()
+        strategy.after_optimizer_step()
         return losses, penalty
 
     def _joint_update(self, batch: Batch) -> tuple[SACLosses, torch.Tensor | None]:

@@ -1,0 +1,372 @@
+"""ContinualSAC on real SAC updates: SB3 equivalence, strategy hooks, task switches, heads."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from stable_baselines3 import SAC
+from stable_baselines3.common.logger import Logger
+
+from agents.continual import check_sb3_version, reset_optimizer_state
+from agents.sac import ContinualSAC
+from agents.sac_buffer import TaskReplayBuffer
+from agents.sac_policy import MultiHeadActor, MultiHeadContinuousCritic
+from crl.strategies.importance import fisher_diagonal
+from envs.continual import ContinualEnv
+from envs.registry import get_sequence
+
+STEPS = 150  # env steps per task
+TINY = dict(
+    policy_kwargs=dict(net_arch=[32, 32]),
+    batch_size=32,
+    buffer_size=5_000,
+    device="cpu",
+    seed=3,
+)
+
+
+def pendulum_env(steps: int = STEPS) -> ContinualEnv:
+    return ContinualEnv(get_sequence("PendulumVariants", steps_per_task=steps), append_task_id=True)
+
+
+def make_agent(**kwargs) -> ContinualSAC:
+    opts = {**TINY, "exploration_steps": 50, **kwargs}
+    return ContinualSAC("MlpPolicy", pendulum_env(), num_tasks=4, **opts)
+
+
+def train_task(agent: ContinualSAC, task: int, steps: int = STEPS, end: bool = True) -> None:
+    agent.start_task(task)
+    agent.learn(steps, reset_num_timesteps=False)
+    if end:
+        agent.end_task(task)
+
+
+class RecordingLogger(Logger):
+    """Keeps every recorded value (SB3's logger keeps only the last one per key)."""
+
+    def __init__(self) -> None:
+        super().__init__(folder=None, output_formats=[])
+        self.history: list[tuple[str, float]] = []
+
+    def record(self, key, value, exclude=None) -> None:
+        self.history.append((key, value))
+        super().record(key, value, exclude)
+
+
+def trunk(agent: ContinualSAC) -> dict[str, torch.Tensor]:
+    return agent.host.protected_parameters()
+
+
+# -- SB3 equivalence ---------------------------------------------------------------------------
+def test_finetune_reproduces_plain_sb3_bit_exactly() -> None:
+    plain = SAC("MlpPolicy", pendulum_env(), learning_starts=50, **TINY)
+    plain_log = RecordingLogger()
+    plain.set_logger(plain_log)
+    plain.learn(250)
+
+    ours = make_agent(multi_head=False)
+    ours_log = RecordingLogger()
+    ours.set_logger(ours_log)
+    ours.start_task(0)
+    ours.learn(250)
+
+    losses = ("train/actor_loss", "train/critic_loss", "train/ent_coef", "train/ent_coef_loss")
+    a = [(k, v) for k, v in plain_log.history if k in losses]
+    b = [(k, v) for k, v in ours_log.history if k in losses]
+    assert len(a) == 4 * 200 and a == b  # 200 updates, every loss identical
+    assert plain._n_updates == ours._n_updates == 200
+    named = list(ours.policy.named_parameters())
+    assert [n for n, _ in plain.policy.named_parameters()] == [n for n, _ in named]
+    for (name, p), (_, q) in zip(plain.policy.named_parameters(), named, strict=True):
+        assert torch.equal(p, q), name
+    assert torch.equal(plain.log_ent_coef, ours.log_ent_coef)
+
+
+# -- strategy hooks on real updates --------------------------------------------------------------
+def _actor_grads_of_one_update(agent: ContinualSAC, penalty_on: bool) -> dict[str, torch.Tensor]:
+    """Grads left by one real train() step from a saved state, with or without the penalty."""
+    state = {k: v.clone() for k, v in agent.policy.state_dict().items()}
+    opt_states = {n: copy.deepcopy(o.state_dict()) for n, o in agent._optimizers().items()}
+    ent = agent.log_ent_coef.detach().clone()
+    original = agent.strategy.penalty
+    if not penalty_on:
+        agent.strategy.penalty = lambda: None  # type: ignore[method-assign]
+    np.random.seed(11)
+    torch.manual_seed(11)
+    try:
+        agent.train(gradient_steps=1, batch_size=32)
+    finally:
+        agent.strategy.penalty = original  # type: ignore[method-assign]
+    grads = {n: p.grad.clone() for n, p in agent.actor.named_parameters()}
+    agent.policy.load_state_dict(state)
+    for n, o in agent._optimizers().items():
+        o.load_state_dict(opt_states[n])
+    with torch.no_grad():
+        agent.log_ent_coef.copy_(ent)
+    return grads
+
+
+@pytest.mark.parametrize("method", ["l2", "ewc"])
+def test_penalty_changes_actor_gradient_by_its_exact_gradient(method: str) -> None:
+    lam = 5.0
+    agent = make_agent(strategy=method, strategy_options={"lam": lam}, importance_samples=256)
+    train_task(agent, 0)
+    train_task(agent, 1, steps=60, end=False)  # 10 updates: θ moved away from θ*
+    params = trunk(agent)
+    if method == "l2":
+        anchor, weight = agent.strategy.anchor, {n: torch.ones_like(p) for n, p in params.items()}
+    else:
+        anchor, weight = agent.strategy.anchors[0], agent.strategy.fishers[0]
+    displacement = {n: (p.detach() - anchor[n]) for n, p in params.items()}
+    assert all(float(d.abs().max()) > 0 for d in displacement.values())
+
+    with_pen = _actor_grads_of_one_update(agent, penalty_on=True)
+    without = _actor_grads_of_one_update(agent, penalty_on=False)
+    for name, _ in agent.actor.named_parameters():
+        full = f"actor.{name}"
+        if full in params:
+            expected = 2 * lam * weight[full] * displacement[full]
+            torch.testing.assert_close(with_pen[name] - without[name], expected)
+            assert float((with_pen[name] - without[name]).abs().max()) > 0
+        else:  # per-task heads are not protected: the penalty leaves their gradient alone
+            assert torch.equal(with_pen[name], without[name]), name
+
+
+def test_agem_projected_gradient_never_opposes_reference_over_actor_and_critic() -> None:
+    agent = make_agent(strategy="agem", strategy_options={"memory_per_task": 64, "batch_size": 32})
+    assert agent.strategy.needs_joint_update
+    train_task(agent, 0)
+    train_task(agent, 3, steps=40, end=False)  # reversed torque, buffer filled, no update yet
+    params = agent.host.trained_parameters()
+    assert {id(p) for p in params} == {
+        id(p) for p in [*agent.actor.parameters(), *agent.critic.parameters()]
+    }
+    refs: list[tuple[torch.Tensor, ...]] = []
+    loss = agent.host.loss
+
+    def spy(batch):
+        out = loss(batch)
+        refs.append(torch.autograd.grad(out, params, retain_graph=True, allow_unused=True))
+        return out
+
+    agent.host.loss = spy  # type: ignore[method-assign]
+    projected = 0
+    for _ in range(40):
+        agent.train(gradient_steps=1, batch_size=32)
+        g = torch.cat([p.grad.reshape(-1) for p in params])
+        r = torch.cat([x.reshape(-1) for x in refs[-1]])
+        dot = float(g @ r)
+        scale = float(g.norm() * r.norm())
+        assert dot >= -1e-5 * scale
+        if agent.strategy.last_dot < 0:  # projected: g lies on the boundary g·g_ref = 0
+            projected += 1
+            assert abs(dot) <= 1e-4 * scale
+    assert agent.strategy.num_updates == 40
+    assert projected == agent.strategy.num_projections > 0
+
+
+def test_packnet_frozen_trunk_weights_stay_bit_identical_through_next_task() -> None:
+    agent = make_agent(strategy="packnet", strategy_options={"retrain_steps": 5})
+    train_task(agent, 0)
+    owner = agent.strategy.owner
+    before = {n: p.detach().clone() for n, p in trunk(agent).items()}
+    train_task(agent, 1, steps=120)  # 70 updates on task 1, then prune/retrain task 1
+    for n, p in trunk(agent).items():
+        kept = owner[n] == 0
+        assert int(kept.sum()) > 0
+        assert torch.equal(p.detach()[kept], before[n][kept]), n
+        if p.ndim >= 2:  # weights task 1 owns did train
+            assert not torch.equal(p.detach()[owner[n] == 1], before[n][owner[n] == 1])
+
+
+# -- task switches -------------------------------------------------------------------------------
+def test_replay_buffer_reset_at_switch_unless_disabled_or_replay() -> None:
+    agent = make_agent()
+    train_task(agent, 0)
+    assert agent.replay_buffer.pos == STEPS
+    agent.start_task(1)
+    assert agent.replay_buffer.pos == 0 and not agent.replay_buffer.full
+    assert agent.switch_log[-1]["buffer_reset"] is True
+
+    keep = make_agent(reset_buffer=False)
+    train_task(keep, 0)
+    keep.start_task(1)
+    assert keep.replay_buffer.pos == STEPS and keep.switch_log[-1]["buffer_reset"] is False
+
+    replay = make_agent(strategy="replay", strategy_options={"mode": "buffer"})
+    assert isinstance(replay.replay_buffer, TaskReplayBuffer) and replay.replay_buffer.reservoir
+    train_task(replay, 0)
+    train_task(replay, 1, steps=60)
+    buf = replay.replay_buffer
+    assert buf.pos == STEPS + 60 and replay.switch_log[-1]["buffer_reset"] is False
+    assert len(buf.task_slots(0)) == STEPS and len(buf.task_slots(1)) == 60
+
+
+def test_reservoir_keeps_a_uniform_sample_of_the_whole_stream() -> None:
+    env = pendulum_env()
+    buf = TaskReplayBuffer(
+        100, env.observation_space, env.action_space, "cpu", reservoir=True, seed=0
+    )
+    obs, act = env.observation_space.sample(), env.action_space.sample()
+    for i in range(2000):
+        buf.current_task = i // 500  # four "tasks" of 500 transitions
+        buf.add(obs, obs, act, np.array([float(i)]), np.array([0.0]), [{}])
+    assert buf.num_seen == 2000 and buf.full
+    counts = np.bincount(buf.slot_task, minlength=4)
+    assert counts.sum() == 100 and counts.min() >= 15  # expected 25 each (FIFO: 0,0,0,100)
+    kept = buf.rewards[:, 0].astype(int)
+    assert len(set(kept)) == 100 and np.array_equal(buf.slot_task, kept // 500)
+
+
+def test_optimizer_state_reset_at_switch_and_kept_when_disabled() -> None:
+    agent = make_agent()
+    train_task(agent, 0)
+    opts = agent._optimizers()
+    assert set(opts) == {"actor", "critic", "ent_coef"}
+    assert all(len(o.state) > 0 for o in opts.values())
+    lr = opts["actor"].param_groups[0]["lr"]
+    agent.start_task(1)
+    assert all(len(o.state) == 0 for o in opts.values())
+    assert agent.switch_log[-1]["optimizers_reset"] == ["actor", "critic", "ent_coef"]
+    agent.learn(51, reset_num_timesteps=False)  # 50 exploration steps, then one update
+    steps = {float(s["step"]) for o in opts.values() for s in o.state.values()}
+    assert steps == {1.0} and opts["actor"].param_groups[0]["lr"] == lr
+
+    keep = make_agent(reset_optimizer=False)
+    train_task(keep, 0)
+    counters = {
+        n: [float(s["step"]) for s in o.state.values()] for n, o in keep._optimizers().items()
+    }
+    keep.start_task(1)
+    after = {n: [float(s["step"]) for s in o.state.values()] for n, o in keep._optimizers().items()}
+    assert after == counters and counters["actor"][0] == STEPS - 50
+
+
+def test_reset_optimizer_state_matches_a_fresh_adam() -> None:
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(5))
+    used = torch.optim.Adam([p], lr=0.1)
+    for _ in range(3):
+        used.zero_grad()
+        p.square().sum().backward()
+        used.step()
+    q = torch.nn.Parameter(p.detach().clone())
+    fresh = torch.optim.Adam([q], lr=0.1)
+    reset_optimizer_state(used)
+    for opt, x in ((used, p), (fresh, q)):
+        opt.zero_grad()
+        x.square().sum().backward()
+        opt.step()
+    assert torch.equal(p, q)
+
+
+def test_exploration_steps_rearmed_per_task() -> None:
+    agent = make_agent(exploration_steps=40)
+    train_task(agent, 0, steps=100)
+    assert agent._n_updates == 60
+    agent.start_task(1)
+    assert agent.learning_starts == 140 and agent.switch_log[-1]["learning_starts"] == 140
+    agent.learn(40, reset_num_timesteps=False)
+    assert agent._n_updates == 60  # random actions, no update during the task's first 40 steps
+    agent.learn(10, reset_num_timesteps=False)
+    assert agent._n_updates == 70
+
+
+def test_per_task_entropy_coefficient_trains_only_the_running_task() -> None:
+    agent = make_agent(per_task_entropy=True)
+    init = agent.log_ent_coef.detach().clone()
+    assert init.shape == (4,)
+    train_task(agent, 0, steps=100)
+    moved = agent.log_ent_coef.detach() != init
+    assert moved.tolist() == [True, False, False, False]
+    with pytest.raises(ValueError, match="ent_coef='auto'"):
+        make_agent(per_task_entropy=True, ent_coef=0.1)
+
+
+# -- heads, host, errors ---------------------------------------------------------------------------
+def test_multi_head_outputs_equal_each_tasks_head_computed_by_hand() -> None:
+    agent = make_agent()
+    actor, critic = agent.actor, agent.critic
+    assert isinstance(actor, MultiHeadActor) and isinstance(critic, MultiHeadContinuousCritic)
+    torch.manual_seed(0)
+    state = torch.randn(4, 3)
+    obs = torch.cat([state, torch.eye(4)], dim=1)  # sample i carries task i
+    actions = torch.rand(4, 1) * 2 - 1
+    with torch.no_grad():
+        mean, log_std, _ = actor.get_action_dist_params(obs)
+        qs = critic(obs, actions)
+        for t in range(4):
+            latent = actor.latent_pi(obs[t : t + 1])
+            mu = latent @ actor.mu.weight[t].T + actor.mu.bias[t]
+            ls = (latent @ actor.log_std.weight[t].T + actor.log_std.bias[t]).clamp(-20, 2)
+            torch.testing.assert_close(mean[t : t + 1], mu, rtol=0, atol=1e-6)
+            torch.testing.assert_close(log_std[t : t + 1], ls, rtol=0, atol=1e-6)
+            for q_net, q in zip(critic.q_networks, qs, strict=True):
+                hidden = q_net.trunk(torch.cat([obs[t : t + 1], actions[t : t + 1]], dim=1))
+                expected = hidden @ q_net.head.weight[t].T + q_net.head.bias[t]
+                torch.testing.assert_close(q[t : t + 1], expected, rtol=0, atol=1e-6)
+        # same state, other task: a different head, a different action
+        same_state = torch.cat([state[:1].repeat(4, 1), torch.eye(4)], dim=1)
+        deterministic = agent.policy.predict(same_state.numpy(), deterministic=True)[0]
+    assert len({round(float(a), 6) for a in deterministic[:, 0]}) == 4
+    names = set(agent.host.protected_parameters())
+    assert names == {n for n, _ in actor.named_parameters(prefix="actor") if "latent_pi" in n}
+
+
+def test_protected_set_follows_head_and_critic_options() -> None:
+    single = make_agent(multi_head=False, regularize_critic=True)
+    names = set(single.host.protected_parameters())
+    assert "actor.mu.weight" in names and "critic.qf0.4.weight" in names
+    assert not any(n.startswith("critic_target") for n in names)
+    multi = make_agent(regularize_critic=True)
+    names = set(multi.host.protected_parameters())
+    assert "critic.qf1.trunk.2.weight" in names
+    assert not any(".head." in n or ".mu." in n or ".log_std." in n for n in names)
+
+
+def test_ewc_fisher_on_sac_host_is_finite_nonzero_and_detached() -> None:
+    agent = make_agent()
+    train_task(agent, 0, end=False)
+    fisher = fisher_diagonal(agent.host, "true", max_samples=128)
+    assert set(fisher) == set(agent.host.protected_parameters())
+    for n, f in fisher.items():
+        assert torch.isfinite(f).all() and float(f.sum()) > 0, n
+        assert f.grad_fn is None and not f.requires_grad, n
+    batches = list(agent.task_batches())
+    assert sum(len(b["obs"]) for b in batches) == STEPS  # every transition of task 0, once
+    assert all((b["obs"][:, 3] == 1).all() for b in batches)  # one-hot of task 0
+
+
+def test_sac_on_discrete_sequence_is_a_clear_error() -> None:
+    env = ContinualEnv(get_sequence("CartPoleSwap", steps_per_task=50), append_task_id=True)
+    with pytest.raises(ValueError, match="continuous.*PPO"):
+        ContinualSAC("MlpPolicy", env, num_tasks=2, **TINY)
+
+
+def test_task_protocol_errors_and_state_round_trip() -> None:
+    agent = make_agent(strategy="l2")
+    with pytest.raises(ValueError, match=r"\[0, 4\)"):
+        agent.start_task(4)
+    with pytest.raises(ValueError, match="exploration_steps"):
+        make_agent(learning_starts=10)
+    train_task(agent, 0, steps=60, end=False)
+    with pytest.raises(RuntimeError, match="end_task\\(0\\) first"):
+        agent.start_task(1)
+    agent.end_task(0)
+    state = agent.continual_state_dict()
+    other = make_agent(strategy="l2")
+    other.load_continual_state_dict(state)
+    assert other.current_task == 0 and not other.task_running
+    for n, a in agent.strategy.anchor.items():
+        assert torch.equal(other.strategy.anchor[n], a)
+    with pytest.raises(ValueError, match="strategy='l2'"):
+        make_agent(strategy="ewc").load_continual_state_dict(state)
+
+
+def test_sb3_version_pin_is_checked() -> None:
+    check_sb3_version("2.9.2")
+    with pytest.raises(ImportError, match="stable-baselines3>=2.9,<2.10"):
+        check_sb3_version("2.10.0")
