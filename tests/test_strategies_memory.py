@@ -8,8 +8,8 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from scipy import stats
+from tiny_hosts import TinyMultiHeadHost
 from torch import nn
 
 from crl.strategies import make_strategy
@@ -301,48 +301,11 @@ def test_agem_leaves_a_non_conflicting_gradient_bit_identical(w):
     assert (agem.num_updates, agem.num_projections) == (1, 0)
 
 
-class MLPHost:
-    """Two-task multi-head MLP classifier."""
+class MLPHost(TinyMultiHeadHost):
+    """Two-task multi-head MLP classifier: Linear(5, 8)-Tanh trunk, Linear(8, 3) heads."""
 
     def __init__(self, seed: int = 0, n: int = 24) -> None:
-        torch.manual_seed(seed)
-        g = torch.Generator().manual_seed(seed)
-        self.module = nn.ModuleDict(
-            {
-                "trunk": nn.Sequential(nn.Linear(5, 8), nn.Tanh()),
-                "heads": nn.ModuleList(nn.Linear(8, 3) for _ in range(2)),
-            }
-        )
-        self.data = {
-            t: {
-                "x": torch.randn(n, 5, generator=g),
-                "y": torch.randint(0, 3, (n,), generator=g),
-                "task": torch.full((n,), t),
-            }
-            for t in range(2)
-        }
-        self.task = 0
-
-    def protected_parameters(self):
-        return {n: p for n, p in self.module.named_parameters() if n.startswith("trunk.")}
-
-    def trained_parameters(self):
-        return list(self.module.parameters())
-
-    def importance_batches(self):
-        d = self.data[self.task]
-        return [{k: v[i : i + 8] for k, v in d.items()} for i in range(0, len(d["x"]), 8)]
-
-    def logits(self, batch):
-        h = self.module["trunk"](batch["x"])
-        out = torch.stack([head(h) for head in self.module["heads"]])
-        return out[batch["task"], torch.arange(h.shape[0])]
-
-    def output_distribution(self, batch):
-        return torch.distributions.Categorical(logits=self.logits(batch), validate_args=False)
-
-    def loss(self, batch):
-        return F.cross_entropy(self.logits(batch), batch["y"])
+        super().__init__((5, 8), 2, nn.Tanh, seed, n)
 
 
 def test_agem_projection_on_an_mlp_matches_the_formula():

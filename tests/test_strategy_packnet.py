@@ -7,7 +7,7 @@ import io
 
 import pytest
 import torch
-import torch.nn.functional as F
+from tiny_hosts import TinyMultiHeadHost
 from torch import nn
 
 from crl.strategies import make_strategy
@@ -16,51 +16,11 @@ from crl.strategies.packnet import FREE, PackNet
 N_TASKS = 3
 
 
-class TinyHost:
+class TinyHost(TinyMultiHeadHost):
     """Trunk Linear(10,10)-ReLU-Linear(10,7)-ReLU shared, one Linear(7,3) head per task."""
 
     def __init__(self, seed: int = 0, n: int = 24) -> None:
-        torch.manual_seed(seed)
-        g = torch.Generator().manual_seed(seed)
-        self.module = nn.ModuleDict(
-            {
-                "trunk": nn.Sequential(nn.Linear(10, 10), nn.ReLU(), nn.Linear(10, 7), nn.ReLU()),
-                "heads": nn.ModuleList(nn.Linear(7, 3) for _ in range(N_TASKS)),
-            }
-        )
-        self.data = {
-            t: {
-                "x": torch.randn(n, 10, generator=g),
-                "y": torch.randint(0, 3, (n,), generator=g),
-                "task": torch.full((n,), t),
-            }
-            for t in range(N_TASKS)
-        }
-        self.task = 0
-        self.empty = False
-
-    def protected_parameters(self) -> dict[str, nn.Parameter]:
-        return {n: p for n, p in self.module.named_parameters() if n.startswith("trunk.")}
-
-    def trained_parameters(self) -> list[nn.Parameter]:
-        return list(self.module.parameters())
-
-    def importance_batches(self):
-        if self.empty:
-            return []
-        d = self.data[self.task]
-        return [{k: v[i : i + 8] for k, v in d.items()} for i in range(0, len(d["x"]), 8)]
-
-    def logits(self, batch):
-        h = self.module["trunk"](batch["x"])
-        out = torch.stack([head(h) for head in self.module["heads"]])
-        return out[batch["task"], torch.arange(h.shape[0])]
-
-    def output_distribution(self, batch):
-        return torch.distributions.Categorical(logits=self.logits(batch), validate_args=False)
-
-    def loss(self, batch):
-        return F.cross_entropy(self.logits(batch), batch["y"])
+        super().__init__((10, 10, 7), N_TASKS, nn.ReLU, seed, n)
 
 
 def train(host, strat, opt, task, epochs=3, after=True):
