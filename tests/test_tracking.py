@@ -98,3 +98,21 @@ def test_online_without_account_falls_back_to_offline_with_a_warning(tmp_path: P
 def test_unknown_mode_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="offline, online, disabled"):
         RunTracker(tmp_path, {}, wandb_mode="offlne")
+
+
+def test_plots_are_written_and_reject_bad_input(tmp_path: Path) -> None:
+    from crl.metrics import EvalHistory
+    from crl.plots import plot_average_and_forgetting, plot_task_curves
+
+    history = EvalHistory(
+        steps=np.array([0, 50, 100, 150, 200]),
+        scores=np.array([[0.0, 0.0], [0.5, 0.1], [1.0, 0.2], [0.6, 0.7], [0.4, 1.0]]),
+        task_starts=[0, 100],
+        total_steps=200,
+    )
+    curves = plot_task_curves(history, tmp_path / "curves.png", ["a", "b"], title="t")
+    both = plot_average_and_forgetting(np.array([[0.9, 0.1], [0.4, 0.8]]), tmp_path / "m.png")
+    for png in (curves, both):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    with pytest.raises(TypeError, match="EvalHistory"):
+        plot_task_curves(np.zeros((2, 2)), tmp_path / "x.png")
