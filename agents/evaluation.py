@@ -393,6 +393,12 @@ class ScoreNormalizer:
     low: np.ndarray
     high: np.ndarray
     missing: dict[int, str] = field(default_factory=dict)
+    #: what to do about missing bounds (the command that creates the reference runs)
+    hint: str = ""
+
+    @property
+    def missing_reason(self) -> str:
+        return "; ".join(self.missing.values()) + (f"; {self.hint}" if self.hint else "")
 
     @property
     def complete(self) -> bool:
@@ -463,8 +469,8 @@ def build_normalizer(
         elif i in refs:
             high[i] = refs[i]
         else:
-            missing[i] = (f"task {t.name!r} has no upper return bound: its score needs the "
-                          f"single-task reference run; create it with `{reference_hint}`")
+            missing[i] = (f"task {t.name!r} has no upper return bound: its score needs its "
+                          "single-task reference run")
             continue
         if not high[i] > low[i]:
             missing[i] = (
@@ -472,4 +478,5 @@ def build_normalizer(
                 f"policy's {low[i]:.4g}, so scores cannot be normalised; run the reference "
                 "longer or configure the task's low/high bounds"
             )
-    return ScoreNormalizer(sequence.task_names, kind, low, high, missing)
+    return ScoreNormalizer(sequence.task_names, kind, low, high, missing,
+                           f"create the reference runs with `{reference_hint}`")

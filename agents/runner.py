@@ -173,6 +173,24 @@ def agent_class(name: str) -> type:
     raise ConfigError(f"unknown agent {name!r}; choose one of: {', '.join(AGENTS)}")
 
 
+def check_agent_options(config: RunConfig) -> None:
+    """Every agent option must be a keyword of the agent class or of its SB3 parents."""
+    import inspect
+
+    cls = agent_class(config.agent)
+    accepted: set[str] = set()
+    for base in cls.__mro__:
+        if "__init__" in base.__dict__:
+            accepted |= set(inspect.signature(base.__init__).parameters)
+    accepted -= {"self", "policy", "env", "kwargs", "args", "sb3_kwargs"}
+    unknown = sorted(set(config.agent_options) - accepted - {"policy_kwargs"})
+    if unknown:
+        raise ConfigError(
+            f"unknown option(s) {unknown} for the {config.agent.upper()} agent; valid: "
+            f"{', '.join(sorted(accepted))}"
+        )
+
+
 def make_agent(config: RunConfig, env: Any, sequence: TaskSequence, *, method: str | None = None,
                seed: int | None = None) -> Any:
     """The continual agent of ``config`` on ``env`` (a gym env or VecEnv)."""
@@ -184,20 +202,9 @@ def make_agent(config: RunConfig, env: Any, sequence: TaskSequence, *, method: s
     policy_kwargs = dict(options.pop("policy_kwargs", None) or {})
     if config.net_arch is not None:
         policy_kwargs.setdefault("net_arch", list(config.net_arch))
+    check_agent_options(config)
     obs_space = env.observation_space
     policy = "MultiInputPolicy" if isinstance(obs_space, spaces.Dict) else "MlpPolicy"
-    import inspect
-
-    accepted = set(inspect.signature(cls.__init__).parameters)
-    for base in cls.__mro__[1:]:
-        if "__init__" in base.__dict__:
-            accepted |= set(inspect.signature(base.__init__).parameters)
-    unknown = sorted(set(options) - accepted)
-    if unknown:
-        raise ConfigError(
-            f"unknown option(s) {unknown} for the {config.agent.upper()} agent; valid: "
-            f"{', '.join(sorted(accepted - {'self', 'policy', 'env', 'kwargs', 'args'}))}"
-        )
     return cls(
         policy, env,
         strategy=method,
@@ -395,14 +402,42 @@ class RunResult:
 # --------------------------------------------------------------------------------------------
 # The continual run
 # --------------------------------------------------------------------------------------------
+#: bool agent options -> (flag when True, flag when False) of `crl train/reference`.
+_BOOL_FLAGS = {
+    "multi_head": ("--multi-head", "--single-head"),
+    "reset_buffer": ("--reset-buffer", "--keep-buffer"),
+    "reset_optimizer": ("--reset-optimizer", "--keep-optimizer"),
+    "per_task_entropy": ("--per-task-entropy", "--shared-entropy"),
+    "regularize_critic": ("--regularize-critic", "--no-regularize-critic"),
+}
+_VALUE_FLAGS = {"learning_rate", "batch_size", "buffer_size", "gamma", "n_steps", "n_epochs",
+                "ent_coef", "exploration_steps", "importance_samples"}
+
+
 def reference_command(config: RunConfig) -> str:
-    parts = [f"crl reference --sequence {config.sequence} --agent {config.agent}"]
+    """The `crl reference` command that creates the references this config looks up."""
+    parts = ["crl reference", f"--sequence {config.sequence}", f"--agent {config.agent}"]
     if config.steps_per_task is not None:
         parts.append(f"--steps-per-task {config.steps_per_task}")
     parts.append(f"--eval-every {config.eval_every} --eval-episodes {config.eval_episodes}")
+    if config.net_arch is not None:
+        parts.append("--net-arch " + ",".join(map(str, config.net_arch)))
+    extra = {}
+    for key, value in sorted(config.agent_options.items()):
+        if key in _BOOL_FLAGS:
+            parts.append(_BOOL_FLAGS[key][0 if value else 1])
+        elif key in _VALUE_FLAGS:
+            parts.append(f"--{key.replace('_', '-')} {value}")
+        else:
+            extra[key] = value
+    if extra:
+        parts.append(f"--sb3-kwargs '{json.dumps(to_builtin(extra))}'")
+    if config.device != "cpu":
+        parts.append(f"--device {config.device}")
+    if config.reference_seed != 1:
+        parts.append(f"--reference-seed {config.reference_seed}")
     if config.reference_dir:
         parts.append(f"--reference-dir {config.reference_dir}")
-    parts.append("[and the same agent options as this run]")
     return " ".join(parts)
 
 
@@ -420,7 +455,7 @@ def train(config: RunConfig, *, run_dir: str | Path | None = None,
 
     sequence = load_sequence(config)
     check_agent_fits(config, sequence)
-    agent_class(config.agent)  # fail on an unavailable agent before any work
+    check_agent_options(config)  # fail on bad agent options before any work
     refs, missing_refs = load_references(config, sequence, required=config.require_references)
     normalizer = build_normalizer(
         sequence,
@@ -461,10 +496,11 @@ def train(config: RunConfig, *, run_dir: str | Path | None = None,
         env.close()
         history = stage_history(record, sequence)
         summary: dict[str, Any] = {"method": config.method, "agent": config.agent,
+                                   "forgetting_k": config.forgetting_k,
                                    "sequence": sequence.name, "seed": config.seed}
         plot_path = None
         if history is None:
-            summary["metrics_reason"] = "; ".join(normalizer.missing.values())
+            summary["metrics_reason"] = normalizer.missing_reason
             summary |= {"final_performance": None, "mean_forgetting": None,
                         "mean_forward_transfer": None}
         else:

@@ -16,6 +16,7 @@ from typing import Any
 import click
 import numpy as np
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from crl.config import flatten_config, load_yaml, method_options, split_list
@@ -244,6 +245,242 @@ def list_sequences() -> None:
         t.add_row(r["name"], r["gym_id"], tasks, steps, str(r["cycles"]),
                   f"{r['total_steps']:,}", extra)
     console.print(t)
+
+
+# --------------------------------------------------------------------------------------------
+# RL: crl train / crl reference (dispatch lazily to agents/ and envs/)
+# --------------------------------------------------------------------------------------------
+#: CLI dest -> agent constructor keyword (continual options and the common SB3 ones).
+AGENT_OPTION_DESTS = {
+    "learning_rate": "learning_rate", "batch_size": "batch_size", "buffer_size": "buffer_size",
+    "gamma": "gamma", "n_steps": "n_steps", "n_epochs": "n_epochs", "ent_coef": "ent_coef",
+    "multi_head": "multi_head", "reset_buffer": "reset_buffer",
+    "reset_optimizer": "reset_optimizer", "exploration_steps": "exploration_steps",
+    "per_task_entropy": "per_task_entropy", "regularize_critic": "regularize_critic",
+    "importance_samples": "importance_samples",
+}
+RUN_CONFIG_DESTS = (
+    "sequence", "agent", "method", "seed", "steps_per_task", "eval_every", "eval_episodes",
+    "forgetting_k", "device", "torch_threads", "run_dir", "wandb", "wandb_project", "group",
+    "reference_dir", "reference_seed", "require_references", "random_episodes", "progress",
+    "save_model",
+)
+
+
+def _rl_options() -> list[click.Option]:
+    """Options of `crl train` and `crl reference` (None = not given, so YAML can fill them)."""
+    opt = click.Option
+    opts = [
+        opt(["--config", "config_file"], type=click.Path(dir_okay=False),
+            help="YAML file of options; command-line options override it."),
+        opt(["--sequence"], type=str, help="Built-in sequence name (crl list sequences) or a "
+            "YAML sequence file. [CartPoleSwap]"),
+        opt(["--agent"], type=str, help="sac or ppo. [ppo]"),
+        opt(["--method"], type=str, help="finetune, l2, ewc, mas, packnet, agem, replay. "
+            "[finetune]"),
+        opt(["--steps-per-task"], type=click.IntRange(min=1),
+            help="Env steps per task. [the sequence's own]"),
+        opt(["--eval-every"], type=click.IntRange(min=1), help="Evaluate every K env steps. "
+            "[5000]"),
+        opt(["--eval-episodes"], type=click.IntRange(min=1),
+            help="Episodes per task per evaluation. [5]"),
+        opt(["--seed"], type=int, help="[0]"),
+        opt(["--net-arch"], type=str, help="Hidden widths of every MLP, e.g. 256,256. "
+            "[SB3's default]"),
+        opt(["--learning-rate", "--lr", "learning_rate"], type=float),
+        opt(["--batch-size"], type=click.IntRange(min=1)),
+        opt(["--buffer-size"], type=click.IntRange(min=1), help="SAC replay buffer size."),
+        opt(["--gamma"], type=float),
+        opt(["--n-steps"], type=click.IntRange(min=1),
+            help="PPO rollout length; must divide the task budget. [2048]"),
+        opt(["--n-epochs"], type=click.IntRange(min=1), help="PPO epochs per rollout."),
+        opt(["--ent-coef"], type=str, help="Entropy coefficient (SAC: 'auto' or a number)."),
+        opt(["--multi-head/--single-head", "multi_head"], default=None,
+            help="One output head per task (CW default). [multi-head]"),
+        opt(["--reset-buffer/--keep-buffer", "reset_buffer"], default=None,
+            help="SAC: new replay buffer at each task (CW default; never under replay)."),
+        opt(["--reset-optimizer/--keep-optimizer", "reset_optimizer"], default=None,
+            help="New optimiser state at each task (CW default). [reset]"),
+        opt(["--exploration-steps"], type=click.IntRange(min=0),
+            help="SAC: uniform random actions for the first N steps of each task."),
+        opt(["--per-task-entropy/--shared-entropy", "per_task_entropy"], default=None,
+            help="SAC: a separate entropy coefficient per task."),
+        opt(["--regularize-critic/--no-regularize-critic", "regularize_critic"], default=None,
+            help="Let the method protect the critic too (off in CW)."),
+        opt(["--importance-samples"], type=click.IntRange(min=1),
+            help="Samples of the finished task used for importance/memories."),
+        opt(["--sb3-kwargs"], type=str, help="Further SB3 keyword arguments as JSON (or a "
+            "mapping in YAML), e.g. '{\"tau\": 0.01}'."),
+        opt(["--device"], type=str, help="torch device. [cpu]"),
+        opt(["--torch-threads"], type=click.IntRange(min=0),
+            help="torch intra-op threads (0: torch's default). [1]"),
+        opt(["--forgetting-k"], type=click.IntRange(min=1),
+            help="End values average the last k evaluations (CW: 5). [5]"),
+        opt(["--reference-dir"], type=click.Path(file_okay=False),
+            help="Cache of reference runs and random-policy returns. [~/.cache/crl]"),
+        opt(["--reference-seed"], type=int, help="Seed of reference runs (CW's 001). [1]"),
+        opt(["--require-references/--no-require-references", "require_references"],
+            default=None, help="Fail when reference runs are missing (else FT is n/a)."),
+        opt(["--random-episodes"], type=click.IntRange(min=1),
+            help="Episodes to measure the random policy's return (score lower bound). [10]"),
+        opt(["--run-dir"], type=click.Path(file_okay=False), help="[runs]"),
+        opt(["--wandb"], type=click.Choice(["offline", "online", "disabled"]), help="[offline]"),
+        opt(["--wandb-project"], type=str),
+        opt(["--group"], type=str, help="W&B group / run-dir folder."),
+        opt(["--progress/--no-progress"], default=None),
+        opt(["--save-model/--no-save-model", "save_model"], default=None,
+            help="Write checkpoints/agent.zip and the strategy state. [save]"),
+    ]
+    for mo in method_options():
+        names = [f"--{mo.flag}/--no-{mo.flag}"] if mo.type is bool else [f"--{mo.flag}"]
+        opts.append(click.Option(names, mo.dest, type=mo.type, default=None,
+                                 help=f"{mo.method}: {mo.param} [{mo.default}]"))
+    return opts
+
+
+def _number_or_text(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _run_config(flat: dict[str, Any]) -> Any:
+    """The RunConfig of resolved options; bad values raise ValueError naming the option."""
+    import json
+
+    from agents.runner import RunConfig
+
+    kwargs = {k: flat[k] for k in RUN_CONFIG_DESTS if k in flat}
+    if "torch_threads" in kwargs and kwargs["torch_threads"] == 0:
+        kwargs["torch_threads"] = None
+    if "net_arch" in flat:
+        kwargs["net_arch"] = tuple(split_list(flat["net_arch"], int))
+    agent_options = {AGENT_OPTION_DESTS[k]: flat[k] for k in AGENT_OPTION_DESTS if k in flat}
+    if "ent_coef" in agent_options:
+        agent_options["ent_coef"] = _number_or_text(agent_options["ent_coef"])
+    extra = flat.get("sb3_kwargs")
+    if isinstance(extra, str):
+        try:
+            extra = json.loads(extra)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--sb3-kwargs must be a JSON object, got {extra!r}: {exc}") from exc
+    if extra is not None and not isinstance(extra, dict):
+        raise ValueError(f"sb3-kwargs must be a mapping of SB3 keyword arguments, got {extra!r}")
+    agent_options |= extra or {}
+    method_opts: dict[str, dict[str, Any]] = {}
+    for mo in method_options():
+        if mo.dest in flat:
+            method_opts.setdefault(mo.method, {})[mo.param] = flat[mo.dest]
+    return RunConfig(agent_options=agent_options, method_options=method_opts, **kwargs)
+
+
+def _rl_errors() -> tuple[type[BaseException], ...]:
+    from agents.reference import MissingReferenceError
+    from envs.spec import EnvConfigError, MissingExtraError
+
+    return (ValueError, FileNotFoundError, EnvConfigError, MissingExtraError,
+            MissingReferenceError)
+
+
+def _fmt_value(v: Any) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.3f}"
+
+
+def print_run_table(summary: dict[str, Any], title: str) -> None:
+    """Per task: end-of-task and final score, forgetting, AUC, forward transfer; then means."""
+    k = summary.get("forgetting_k", 5)
+    t = Table(title=title, caption=f"* mean of the last {k} evaluations (CW); forgetting = "
+              "end of task* - final*")
+    for col in ("task", "end of task*", "final*", "forgetting", "AUC", "forward transfer"):
+        t.add_column(col, justify="left" if col == "task" else "right",
+                     no_wrap=col == "task")
+    for r in summary["table"]:
+        t.add_row(r["task"], *(_fmt_value(r.get(k)) for k in
+                               ("end_of_task", "final", "forgetting", "auc",
+                                "forward_transfer")))
+    t.add_section()
+    finals = [r["final"] for r in summary["table"] if r.get("final") is not None]
+    t.add_row("[bold]average[/]", "", _fmt_value(float(np.mean(finals)) if finals else None),
+              _fmt_value(summary.get("mean_forgetting")), "",
+              _fmt_value(summary.get("mean_forward_transfer")))
+    console.print(t)
+    for key in ("metrics_reason", "forward_transfer_reason"):
+        if summary.get(key):
+            console.print(f"[yellow]{key.replace('_', ' ')}:[/] {escape(summary[key])}",
+                          soft_wrap=True)
+
+
+def _train(**params: Any) -> None:
+    try:
+        from agents.runner import train
+    except ImportError as exc:
+        raise click.UsageError(f"the RL agents cannot be imported: {exc}") from exc
+    errors = _rl_errors()
+    try:
+        config = _run_config(_resolve(params))
+        result = train(config)
+    except errors as exc:
+        raise click.UsageError(str(exc)) from exc
+    s = result.summary
+    print_run_table(s, f"{s['sequence']}: {config.agent} + {config.method}, seed {config.seed}")
+    console.print(f"performance P(T) {_fmt_value(s.get('final_performance'))} (last "
+                  f"evaluation), forgetting "
+                  f"{_fmt_value(s.get('mean_forgetting'))}, forward transfer "
+                  f"{_fmt_value(s.get('mean_forward_transfer'))}; "
+                  f"{s['env_steps']:,} env steps, {s['timings']['total_seconds']:.0f} s "
+                  f"({100 * s['eval_share']:.0f}% evaluating)")
+    click.echo(f"run directory: {result.run_dir}")
+    if result.plot_path is not None:
+        click.echo(f"plot: {result.plot_path}")
+
+
+def _reference(force: bool = False, **params: Any) -> None:
+    try:
+        from agents.reference import run_references
+        from agents.runner import check_agent_fits, check_agent_options, load_sequence
+    except ImportError as exc:
+        raise click.UsageError(f"the RL agents cannot be imported: {exc}") from exc
+    errors = _rl_errors()
+    try:
+        config = _run_config(_resolve(params))
+        sequence = load_sequence(config)
+        check_agent_fits(config, sequence)
+        check_agent_options(config)
+        refs = run_references(config, sequence, force=force)
+    except errors as exc:
+        raise click.UsageError(str(exc)) from exc
+    t = Table(title=f"reference runs: {sequence.name}, {config.agent}, seed "
+                    f"{config.reference_seed}")
+    for col in ("task", "steps", "evaluations", "final return", "cache file"):
+        t.add_column(col)
+    for ref in refs.values():
+        t.add_row(ref.task_name, f"{ref.budget:,}", str(len(ref.steps)),
+                  f"{ref.final_return:.2f}", str(ref.path))
+    console.print(t)
+
+
+main.add_command(
+    click.Command(
+        "train",
+        callback=_train,
+        params=_rl_options(),
+        help="Train an SB3 agent (sac/ppo) on a task sequence with a continual-learning "
+        "method; print performance, forgetting and forward transfer.",
+    )
+)
+main.add_command(
+    click.Command(
+        "reference",
+        callback=_reference,
+        params=[*_rl_options(),
+                click.Option(["--force"], is_flag=True, help="Re-run cached references.")],
+        help="Train and cache the single-task reference runs of every task of a sequence "
+        "(forward transfer's baseline) with the same agent options as `crl train`.",
+    )
+)
 
 
 if __name__ == "__main__":  # pragma: no cover

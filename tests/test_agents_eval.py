@@ -231,7 +231,8 @@ def test_missing_upper_bound_names_the_reference_command(tmp_path: Path) -> None
     norm = build_normalizer(seq, random_episodes=1, cache_dir=tmp_path,
                             reference_hint="crl reference --sequence PendulumVariants")
     assert not norm.complete and set(norm.missing) == {0, 1, 2, 3}
-    assert "crl reference --sequence PendulumVariants" in norm.missing[0]
+    assert "no upper return bound" in norm.missing[0]
+    assert "crl reference --sequence PendulumVariants" in norm.missing_reason
     assert np.isnan(norm.score(0, np.array([-300.0])))
     refs = {i: -150.0 for i in range(4)}
     norm = build_normalizer(seq, reference_returns=refs, random_episodes=1, cache_dir=tmp_path)
