@@ -102,10 +102,16 @@ class _MultiHeadMixin:
                     f"({self.num_tasks},) holding the task one-hot, got {space}; {hint}"
                 )
         elif isinstance(space, spaces.Box):
-            if len(space.shape) != 1 or space.shape[0] <= self.num_tasks:
+            tail = slice(space.shape[0] - self.num_tasks, None) if len(space.shape) == 1 else None
+            if (
+                tail is None
+                or space.shape[0] <= self.num_tasks
+                or not np.all(space.low[tail] == 0)
+                or not np.all(space.high[tail] == 1)
+            ):
                 raise ValueError(
                     f"a multi-head policy on Box observations needs flat observations ending in "
-                    f"a one-hot of the {self.num_tasks} tasks, got shape {space.shape}; {hint}"
+                    f"a one-hot of the {self.num_tasks} tasks (bounds [0, 1]), got {space}; {hint}"
                 )
         else:
             raise ValueError(f"unsupported observation space {space} for a multi-head policy")
