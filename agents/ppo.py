@@ -40,7 +40,7 @@ from stable_baselines3.common.buffers import DictRolloutBuffer
 from stable_baselines3.common.utils import explained_variance
 from torch import nn
 
-from agents.continual import ContinualAgent, check_sb3_version
+from agents.continual import ContinualAgent, check_num_tasks, check_sb3_version
 from agents.ppo_policy import MultiHeadActorCriticPolicy, MultiHeadMultiInputPolicy
 from crl.strategies.base import Batch, Strategy
 from crl.strategies.l2 import AnchoredPenalty
@@ -141,7 +141,7 @@ class ContinualPPO(ContinualAgent, PPO):
         *,
         strategy: Strategy | str = "finetune",
         strategy_options: dict[str, Any] | None = None,
-        num_tasks: int,
+        num_tasks: int | None = None,
         multi_head: bool = True,
         reset_optimizer: bool = True,
         regularize_critic: bool = False,
@@ -160,13 +160,43 @@ class ContinualPPO(ContinualAgent, PPO):
         self.regularize_critic = bool(regularize_critic)
         self.importance_samples = importance_samples
         self._task_data: dict[str, torch.Tensor] = {}
+        if sb3_kwargs.get("_init_setup_model", True):
+            check_num_tasks(num_tasks)  # type: ignore[arg-type]
+        # Kept (and saved by SB3's save()) so that load() can rebuild the strategy; a
+        # Strategy instance is rebuilt from its method name with default options.
+        self._continual_args = {
+            "strategy": strategy if isinstance(strategy, str) else strategy.name,
+            "strategy_options": None if isinstance(strategy, Strategy) else strategy_options,
+            "num_tasks": num_tasks,
+            "seed": sb3_kwargs.get("seed"),
+            "reset_optimizer": reset_optimizer,
+        }
+        self._strategy_instance = strategy if isinstance(strategy, Strategy) else None
         policy_kwargs = dict(sb3_kwargs.pop("policy_kwargs", None) or {})
         policy_kwargs.setdefault("num_tasks", num_tasks)
         policy_kwargs.setdefault("multi_head", multi_head)
         super().__init__(policy, env, policy_kwargs=policy_kwargs, **sb3_kwargs)
-        self._init_continual(
-            strategy, strategy_options, num_tasks, sb3_kwargs.get("seed"), reset_optimizer
-        )
+
+    def _setup_model(self) -> None:
+        """SB3 builds the policy here (in ``__init__``, and in ``load()`` after restoring the
+        saved attributes); the strategy is bound to the policy right after."""
+        super()._setup_model()
+        args = dict(self._continual_args)
+        instance, self._strategy_instance = self._strategy_instance, None
+        if instance is not None:
+            args["strategy"], args["strategy_options"] = instance, None
+        self._init_continual(**args)
+
+    def _excluded_save_params(self) -> list[str]:
+        # The strategy (with its memories and Fisher) and the task store are saved with
+        # continual_state_dict(); SB3's zip holds the weights and the hyper-parameters.
+        return [
+            *super()._excluded_save_params(),
+            "strategy",
+            "host",
+            "_task_data",
+            "_strategy_instance",
+        ]
 
     # -- the losses of a batch -------------------------------------------------------------
     def batch_losses(

@@ -396,3 +396,25 @@ def test_atari_cnn_multi_head_smoke():
     assert agent._task_data["obs.observation"].dtype == torch.uint8
     assert agent.logger.name_to_value["train/l2_penalty"] > 0
     assert torch.equal(policy.action_net.weight[2], head2)  # task 2's head never trained
+
+
+def test_save_load_round_trip_with_continual_state(tmp_path):
+    agent = make_agent("ewc", options={"lam": 5.0})
+    run_task(agent, 0)
+    agent.save(tmp_path / "model.zip")
+    torch.save(agent.continual_state_dict(), tmp_path / "continual.pt")
+    loaded = ContinualPPO.load(tmp_path / "model.zip", env=make_env())
+    loaded.load_continual_state_dict(torch.load(tmp_path / "continual.pt", weights_only=True))
+    assert loaded.strategy.name == "ewc" and loaded.strategy.lam == 5.0
+    assert loaded.host.module is loaded.policy and loaded.strategy.host is loaded.host
+    for (n, p), q in zip(agent.policy.named_parameters(), loaded.policy.parameters(), strict=True):
+        assert torch.equal(p, q), n
+    for n, f in agent.strategy.fishers[0].items():
+        assert torch.equal(f, loaded.strategy.fishers[0][n]), n
+    assert loaded.current_task == 0 and not loaded.task_running
+    with torch.no_grad():  # move the trunk: both penalties see the same anchors and Fisher
+        for model in (agent, loaded):
+            model.policy.mlp_extractor.policy_net[0].weight.add_(0.1)
+    assert agent.strategy.penalty().item() == loaded.strategy.penalty().item() > 0
+    loaded.start_task(1)
+    loaded.learn(STEPS, reset_num_timesteps=False)
