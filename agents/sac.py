@@ -10,8 +10,8 @@ Two update orders:
 
 * default (SB3's, reproduced exactly): temperature step, critic step, then the actor loss is
   evaluated with the *updated* critic and the actor steps; the strategy's
-  ``before/after_optimizer_step`` hooks wrap each of the critic and actor steps (the
-  critic's "after" hook waits for the actor's backward, see ``_sequential_update``);
+  ``before/after_optimizer_step`` hooks wrap the actor step, and the critic step when it
+  updates protected parameters (``regularize_critic``; see ``_sequential_update``);
 * joint (``strategy.needs_joint_update``, A-GEM as in Continual World): all losses on the
   same parameters, one backward, ONE ``before_optimizer_step`` over actor + critic (the
   projection), every optimiser steps, ONE ``after_optimizer_step``.
@@ -86,6 +86,13 @@ class SACHost:
             for group in opt.param_groups
             for p in group["params"]
         ]
+
+    @property
+    def critic_step_touches_protected(self) -> bool:
+        """Whether the critic optimiser updates any protected parameter."""
+        protected = {id(p) for p in self._protected.values()}
+        critic = self.agent.critic.optimizer
+        return any(id(p) in protected for g in critic.param_groups for p in g["params"])
 
     def _select_protected(self) -> dict[str, nn.Parameter]:
         multi = self.agent.multi_head
@@ -374,8 +381,13 @@ class ContinualSAC(ContinualAgent, SAC):
         that writes parameters in place (PackNet restoring frozen weights) would otherwise
         invalidate the actor graph, which was built before the critic step (SB3's order)
         and holds the actor and critic weights. Hooks that are no-ops keep SB3's numbers.
+        The critic step calls the hooks only when it updates a protected parameter
+        (``regularize_critic``): strategies' step hooks act on the protected parameters, so a
+        step that moves none of them leaves them nothing to do (and it saves PackNet two
+        passes over the trunk per update).
         """
         strategy = self.strategy
+        critic_hooks = self.host.critic_step_touches_protected
 
         def step_critic(losses: SACLosses) -> None:
             if losses.ent_coef_loss is not None and self.ent_coef_optimizer is not None:
@@ -389,7 +401,8 @@ class ContinualSAC(ContinualAgent, SAC):
                     critic_loss = critic_loss + penalty
             self.critic.optimizer.zero_grad()
             critic_loss.backward()
-            strategy.before_optimizer_step()
+            if critic_hooks:
+                strategy.before_optimizer_step()
             self.critic.optimizer.step()
 
         losses = self.batch_losses(batch, step_critic)
@@ -398,7 +411,8 @@ class ContinualSAC(ContinualAgent, SAC):
         actor_loss = losses.actor_loss if penalty is None else losses.actor_loss + penalty
         self.actor.optimizer.zero_grad()
         actor_loss.backward()
-        strategy.after_optimizer_step()  # the critic step's
+        if critic_hooks:
+            strategy.after_optimizer_step()  # the critic step's
         strategy.before_optimizer_step()
         self.actor.optimizer.step()
         strategy.after_optimizer_step()

@@ -4,8 +4,9 @@ Continual World's default SAC (Wołczyk et al. 2021): the actor's mean and log-s
 every Q-network's output layer have one head per task; the hidden layers are shared (and are
 what the continual-learning methods protect). The head of each sample is chosen from the task
 one-hot that ``ContinualEnv(append_task_id=True)`` appends to the observation, with a gather
-(:class:`agents.heads.MultiHeadLinear`), so replay batches that mix tasks, batched evaluation
-of all tasks and ``torch.func.vmap`` (per-sample Fisher) all work without Python branching.
+(:class:`GatheredHeads`, a faster :class:`agents.heads.MultiHeadLinear`), so replay batches
+that mix tasks, batched evaluation of all tasks and ``torch.func.vmap`` (per-sample Fisher)
+all work without Python branching.
 """
 
 from __future__ import annotations
@@ -21,8 +22,26 @@ from stable_baselines3.common.type_aliases import PyTorchObs
 from stable_baselines3.sac.policies import LOG_STD_MAX, LOG_STD_MIN, Actor, SACPolicy
 from torch import nn
 from torch.func import functional_call
+from torch.nn import functional as F
 
 from agents.heads import MultiHeadLinear, task_index_from_obs
+
+
+class GatheredHeads(MultiHeadLinear):
+    """:class:`MultiHeadLinear` (same parameters, initialisation and gradients) computed as one
+    matmul over all heads followed by a gather of each sample's head.
+
+    SAC evaluates ten head layers per update on outputs of width 1 (Q) or the action size;
+    all heads in one GEMM measured ~3x faster on CPU than gathering a (B, out, in) weight per
+    sample and a batched matmul. Unused heads get an exact zero gradient either way.
+    """
+
+    def forward(self, x: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
+        heads, out, inp = self.weight.shape
+        flat = F.linear(x, self.weight.reshape(heads * out, inp), self.bias.reshape(-1))
+        flat = flat.reshape(*x.shape[:-1], heads, out)
+        index = task.reshape(*task.shape, 1, 1).expand(*task.shape, 1, out)
+        return flat.gather(-2, index).squeeze(-2)
 
 
 def task_index(obs: PyTorchObs, num_tasks: int) -> torch.Tensor:
@@ -74,8 +93,8 @@ class MultiHeadActor(Actor):
         self.num_tasks = num_tasks
         last = self.net_arch[-1] if len(self.net_arch) > 0 else self.features_dim
         action_dim = get_action_dim(self.action_space)
-        self.mu = MultiHeadLinear(last, action_dim, num_tasks)  # type: ignore[assignment]
-        self.log_std = MultiHeadLinear(last, action_dim, num_tasks)  # type: ignore[assignment]
+        self.mu = GatheredHeads(last, action_dim, num_tasks)  # type: ignore[assignment]
+        self.log_std = GatheredHeads(last, action_dim, num_tasks)  # type: ignore[assignment]
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
         data = super()._get_constructor_parameters()
@@ -126,7 +145,7 @@ class HeadedQNetwork(nn.Module):
     ) -> None:
         super().__init__()
         self.trunk = nn.Sequential(*create_mlp(in_dim, -1, net_arch, activation_fn))
-        self.head = MultiHeadLinear(net_arch[-1] if net_arch else in_dim, 1, num_tasks)
+        self.head = GatheredHeads(net_arch[-1] if net_arch else in_dim, 1, num_tasks)
 
     def forward(self, x: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
         return self.head(self.trunk(x), task)
@@ -213,6 +232,7 @@ class MultiHeadSACPolicy(SACPolicy):
 
 
 __all__ = [
+    "GatheredHeads",
     "HeadedQNetwork",
     "MultiHeadActor",
     "MultiHeadContinuousCritic",

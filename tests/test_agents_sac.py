@@ -11,9 +11,10 @@ from stable_baselines3 import SAC
 from stable_baselines3.common.logger import Logger
 
 from agents.continual import check_sb3_version, reset_optimizer_state
+from agents.heads import MultiHeadLinear
 from agents.sac import ContinualSAC
 from agents.sac_buffer import TaskReplayBuffer
-from agents.sac_policy import MultiHeadActor, MultiHeadContinuousCritic
+from agents.sac_policy import GatheredHeads, MultiHeadActor, MultiHeadContinuousCritic
 from crl.strategies.importance import fisher_diagonal
 from envs.continual import ContinualEnv
 from envs.registry import get_sequence
@@ -182,6 +183,21 @@ def test_packnet_frozen_trunk_weights_stay_bit_identical_through_next_task() -> 
             assert not torch.equal(p.detach()[owner[n] == 1], before[n][owner[n] == 1])
 
 
+def test_packnet_with_regularized_critic_freezes_critic_trunk_too() -> None:
+    agent = make_agent(
+        strategy="packnet", strategy_options={"retrain_steps": 5}, regularize_critic=True
+    )
+    assert agent.host.critic_step_touches_protected
+    train_task(agent, 0)
+    owner = agent.strategy.owner
+    assert any(n.startswith("critic.") for n in owner)
+    before = {n: p.detach().clone() for n, p in trunk(agent).items()}
+    train_task(agent, 1, steps=120, end=False)
+    for n, p in trunk(agent).items():
+        kept = owner[n] == 0
+        assert torch.equal(p.detach()[kept], before[n][kept]), n
+
+
 # -- task switches -------------------------------------------------------------------------------
 def test_replay_buffer_reset_at_switch_unless_disabled_or_replay() -> None:
     agent = make_agent()
@@ -314,6 +330,25 @@ def test_multi_head_outputs_equal_each_tasks_head_computed_by_hand() -> None:
     assert len({round(float(a), 6) for a in deterministic[:, 0]}) == 4
     names = set(agent.host.protected_parameters())
     assert names == {n for n, _ in actor.named_parameters(prefix="actor") if "latent_pi" in n}
+
+
+def test_gathered_heads_match_multi_head_linear_values_and_gradients() -> None:
+    torch.manual_seed(0)
+    ref = MultiHeadLinear(8, 3, 5)
+    fast = GatheredHeads(8, 3, 5)
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(16, 8)
+    task = torch.tensor([0, 1, 2, 3, 4, 2, 2, 0, 1, 1, 3, 3, 4, 0, 0, 2])
+    torch.testing.assert_close(fast(x, task), ref(x, task))
+    (fast(x, task) ** 2).sum().backward()
+    (ref(x, task) ** 2).sum().backward()
+    torch.testing.assert_close(fast.weight.grad, ref.weight.grad)
+    torch.testing.assert_close(fast.bias.grad, ref.bias.grad)
+    only_task_2 = torch.full((4,), 2)
+    fast.zero_grad()
+    fast(x[:4], only_task_2).sum().backward()
+    assert float(fast.weight.grad[[0, 1, 3, 4]].abs().sum()) == 0.0
+    assert float(fast.weight.grad[2].abs().sum()) > 0
 
 
 def test_protected_set_follows_head_and_critic_options() -> None:
