@@ -90,3 +90,18 @@ def test_joint_upper_bound_beats_finetune(summaries, domain_split, tmp_path) -> 
     joint = _run("joint", domain_split, tmp_path)
     assert np.isnan(joint["forgetting"])
     assert joint["avg_acc"] > summaries["finetune"]["avg_acc"]
+
+
+@pytest.mark.parametrize("method", ["ewc", "mas"])
+def test_importance_methods_train_past_the_first_task_with_task_heads(
+    method, tiny_mnist, tmp_path
+) -> None:
+    """Regression: importance computed through unprotected task heads must hold no graph
+    (a second backward through it used to fail on the first update of task 1)."""
+    bench = make_benchmark("split-mnist", tiny_mnist, scenario="task-il", num_tasks=2, seed=0)
+    config = SupervisedConfig(
+        benchmark="split-mnist", scenario="task-il", tasks=2, method=method, hidden=(16,),
+        wandb="disabled", trainer=TrainerConfig(epochs=1, batch_size=32, progress=False),
+    )
+    res = run_experiment(config, benchmark=bench, run_dir=tmp_path / method)
+    assert res.result.updates == 8 and np.isfinite(res.summary["avg_acc"])

@@ -363,7 +363,9 @@ def accumulate_importance(
                 part_extra = None if extra is None else extra[start : start + chunk]
                 jac = engine(part, part_extra)
                 for n, j in jac.items():
-                    acc[n] += reduce(j).sum(dim=(0, 1))
+                    # detach: j also depends on unprotected parameters (task heads), and the
+                    # importance must not keep their graph alive into later updates
+                    acc[n] += reduce(j.detach()).sum(dim=(0, 1))
             seen += size
             if max_samples is not None and seen >= max_samples:
                 break
