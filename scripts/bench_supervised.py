@@ -159,15 +159,21 @@ def main(argv: list[str] | None = None) -> int:
         for s in settings for seed in seeds for m in methods
     ]
     rows: list[dict[str, Any]] = []
+    failures: list[str] = []
     start = time.perf_counter()
     ctx = mp.get_context("spawn")
     with cf.ProcessPoolExecutor(args.workers, mp_context=ctx, max_tasks_per_child=1) as pool:
         futures = {pool.submit(_one_run, spec): spec for spec in specs}
         for fut in cf.as_completed(futures):
             spec = futures[fut]
-            row = fut.result()
+            try:
+                row = fut.result()
+            except Exception as exc:  # noqa: BLE001 - one failed run must not lose the rest
+                failures.append(f"{spec['setting']} {spec['label']} seed {spec['seed']}: {exc!r}")
+                print(f"FAILED {failures[-1]}", flush=True)
+                continue
             rows.append(row)
-            print(f"[{len(rows)}/{len(specs)} {time.perf_counter() - start:.0f}s] "
+            print(f"[{len(rows) + len(failures)}/{len(specs)} {time.perf_counter() - start:.0f}s] "
                   f"{spec['setting']} {spec['label']} seed {spec['seed']}: "
                   f"acc {row['avg_acc']:.3f} forgetting {row['forgetting']:.3f} "
                   f"{row['seconds_per_task']:.2f}s/task", flush=True)
@@ -178,7 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     (out / "runs.json").write_text(json.dumps(rows, indent=1, default=float))
     print(text)
     print(f"\nwall time {time.perf_counter() - start:.0f}s; tables in {out / 'tables.md'}")
-    return 0
+    if failures:
+        print("failed runs:\n" + "\n".join(failures), file=sys.stderr)
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":
