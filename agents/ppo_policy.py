@@ -150,8 +150,6 @@ class _MultiHeadMixin:
     # -- task ids ----------------------------------------------------------------------------
     def task_index(self, obs: Obs) -> torch.Tensor:
         """Each sample's task, from the one-hot it carries (argmax: no Python branching)."""
-        if isinstance(obs, dict):
-            return obs[TASK_KEY].argmax(dim=-1)
         return task_index_from_obs(obs, self.num_tasks)
 
     # -- forward passes ----------------------------------------------------------------------

@@ -47,8 +47,9 @@ from torch.distributions import Distribution, Independent, Normal
 from torch.nn import functional as F
 
 from agents.continual import ContinualAgent, build_strategy, check_num_tasks
+from agents.heads import task_index_from_obs
 from agents.sac_buffer import TaskReplayBuffer
-from agents.sac_policy import MultiHeadActor, MultiHeadSACPolicy, task_index
+from agents.sac_policy import MultiHeadActor, MultiHeadSACPolicy
 from crl.strategies import Batch, Strategy
 
 
@@ -325,7 +326,7 @@ class ContinualSAC(ContinualAgent, SAC):
             return self.ent_coef_tensor, None
         log_alpha = self.log_ent_coef
         if self.per_task_entropy:
-            log_alpha = log_alpha[task_index(obs, self.num_tasks)].reshape(-1, 1)
+            log_alpha = log_alpha[task_index_from_obs(obs, self.num_tasks)].reshape(-1, 1)
         assert isinstance(self.target_entropy, float)
         ent_coef = torch.exp(log_alpha.detach())
         loss = -(log_alpha * (log_prob + self.target_entropy).detach()).mean()

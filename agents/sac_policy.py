@@ -4,7 +4,7 @@ Continual World's default SAC (Wołczyk et al. 2021): the actor's mean and log-s
 every Q-network's output layer have one head per task; the hidden layers are shared (and are
 what the continual-learning methods protect). The head of each sample is chosen from the task
 one-hot that ``ContinualEnv(append_task_id=True)`` appends to the observation, with a gather
-(:class:`GatheredHeads`, a faster :class:`agents.heads.MultiHeadLinear`), so replay batches
+(:class:`agents.heads.MultiHeadLinear`), so replay batches
 that mix tasks, batched evaluation of all tasks and ``torch.func.vmap`` (per-sample Fisher)
 all work without Python branching.
 """
@@ -22,39 +22,8 @@ from stable_baselines3.common.type_aliases import PyTorchObs
 from stable_baselines3.sac.policies import LOG_STD_MAX, LOG_STD_MIN, Actor, SACPolicy
 from torch import nn
 from torch.func import functional_call
-from torch.nn import functional as F
 
 from agents.heads import MultiHeadLinear, task_index_from_obs
-
-
-class GatheredHeads(MultiHeadLinear):
-    """:class:`MultiHeadLinear` (same parameters, initialisation and gradients) computed as one
-    matmul over all heads followed by a gather of each sample's head.
-
-    SAC evaluates ten head layers per update on outputs of width 1 (Q) or the action size;
-    all heads in one GEMM measured ~3x faster on CPU than gathering a (B, out, in) weight per
-    sample and a batched matmul. Unused heads get an exact zero gradient either way.
-    """
-
-    def forward(self, x: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
-        heads, out, inp = self.weight.shape
-        flat = F.linear(x, self.weight.reshape(heads * out, inp), self.bias.reshape(-1))
-        flat = flat.reshape(*x.shape[:-1], heads, out)
-        index = task.reshape(*task.shape, 1, 1).expand(*task.shape, 1, out)
-        return flat.gather(-2, index).squeeze(-2)
-
-
-def task_index(obs: PyTorchObs, num_tasks: int) -> torch.Tensor:
-    """Each sample's task: argmax of the one-hot at the end of a Box observation, or of the
-    ``task_id`` entry of a Dict observation (what ContinualEnv appends in either case)."""
-    if isinstance(obs, dict):
-        if "task_id" not in obs:
-            raise KeyError(
-                "a multi-head policy on Dict observations needs a 'task_id' entry; build the "
-                "env with ContinualEnv(..., append_task_id=True)"
-            )
-        return obs["task_id"].argmax(dim=-1)
-    return task_index_from_obs(obs, num_tasks)
 
 
 def check_task_id_space(observation_space: spaces.Space, num_tasks: int) -> None:
@@ -93,8 +62,8 @@ class MultiHeadActor(Actor):
         self.num_tasks = num_tasks
         last = self.net_arch[-1] if len(self.net_arch) > 0 else self.features_dim
         action_dim = get_action_dim(self.action_space)
-        self.mu = GatheredHeads(last, action_dim, num_tasks)  # type: ignore[assignment]
-        self.log_std = GatheredHeads(last, action_dim, num_tasks)  # type: ignore[assignment]
+        self.mu = MultiHeadLinear(last, action_dim, num_tasks)  # type: ignore[assignment]
+        self.log_std = MultiHeadLinear(last, action_dim, num_tasks)  # type: ignore[assignment]
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
         data = super()._get_constructor_parameters()
@@ -109,7 +78,7 @@ class MultiHeadActor(Actor):
         ``constant_heads`` uses detached head weights: importance differentiates only the
         protected trunk and must not record autograd history through the heads.
         """
-        task = task_index(obs, self.num_tasks)
+        task = task_index_from_obs(obs, self.num_tasks)
         features = self.extract_features(obs, self.features_extractor)
         latent_pi = self.latent_pi(features)
         if constant_heads:
@@ -145,7 +114,7 @@ class HeadedQNetwork(nn.Module):
     ) -> None:
         super().__init__()
         self.trunk = nn.Sequential(*create_mlp(in_dim, -1, net_arch, activation_fn))
-        self.head = GatheredHeads(net_arch[-1] if net_arch else in_dim, 1, num_tasks)
+        self.head = MultiHeadLinear(net_arch[-1] if net_arch else in_dim, 1, num_tasks)
 
     def forward(self, x: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
         return self.head(self.trunk(x), task)
@@ -191,14 +160,14 @@ class MultiHeadContinuousCritic(ContinuousCritic):
             self.q_networks.append(q_net)
 
     def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        task = task_index(obs, self.num_tasks)
+        task = task_index_from_obs(obs, self.num_tasks)
         with torch.set_grad_enabled(not self.share_features_extractor):
             features = self.extract_features(obs, self.features_extractor)
         qvalue_input = torch.cat([features, actions], dim=1)
         return tuple(q_net(qvalue_input, task) for q_net in self.q_networks)
 
     def q1_forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        task = task_index(obs, self.num_tasks)
+        task = task_index_from_obs(obs, self.num_tasks)
         with torch.no_grad():
             features = self.extract_features(obs, self.features_extractor)
         return self.q_networks[0](torch.cat([features, actions], dim=1), task)
@@ -232,11 +201,9 @@ class MultiHeadSACPolicy(SACPolicy):
 
 
 __all__ = [
-    "GatheredHeads",
     "HeadedQNetwork",
     "MultiHeadActor",
     "MultiHeadContinuousCritic",
     "MultiHeadSACPolicy",
     "check_task_id_space",
-    "task_index",
 ]
