@@ -69,7 +69,7 @@ def normalize_score(
 # --------------------------------------------------------------------------------------------
 # Performance matrix R[i, j] (after training task i, evaluated on task j)
 # --------------------------------------------------------------------------------------------
-def _as_matrix(R: ArrayLike) -> np.ndarray:
+def check_matrix(R: ArrayLike) -> np.ndarray:
     """Validate the shape of a performance matrix; finiteness is checked per use."""
     M = np.asarray(R, dtype=float)
     if M.ndim != 2 or M.shape[0] != M.shape[1] or M.shape[0] == 0:
@@ -103,7 +103,7 @@ def average_performance(R: ArrayLike, seen_only: bool = False) -> np.ndarray:
     ``seen_only=True``: mean over tasks 0..i after task i, the usual supervised "average
     accuracy" curve; entries above the diagonal are then not read (they may be nan).
     """
-    M = _as_matrix(R)
+    M = check_matrix(R)
     T = M.shape[0]
     if not seen_only:
         _require_finite(M, "some entries (seen_only=False uses every entry)")
@@ -115,7 +115,7 @@ def average_performance(R: ArrayLike, seen_only: bool = False) -> np.ndarray:
 
 def final_performance(R: ArrayLike) -> float:
     """Mean score over all tasks after the last task (P(T))."""
-    M = _as_matrix(R)
+    M = check_matrix(R)
     _require_finite(M[-1], "the last row")
     return float(M[-1].mean())
 
@@ -127,7 +127,7 @@ def forgetting(R: ArrayLike) -> np.ndarray:
     result is an empty array (well defined); :func:`average_forgetting` raises instead of
     averaging nothing.
     """
-    M = _as_matrix(R)
+    M = check_matrix(R)
     T = M.shape[0]
     diag = np.diag(M)[: T - 1]
     last = M[-1, : T - 1]
@@ -138,7 +138,7 @@ def forgetting(R: ArrayLike) -> np.ndarray:
 
 def average_forgetting(R: ArrayLike) -> float:
     """Mean of :func:`forgetting`; raises ValueError for T == 1 (mean of no tasks)."""
-    M = _as_matrix(R)
+    M = check_matrix(R)
     _require_two_tasks(M, "average_forgetting")
     return float(forgetting(M).mean())
 
@@ -150,7 +150,7 @@ def forgetting_curve(R: ArrayLike) -> np.ndarray:
     measured at that point, the per-step curve of Chaudhry et al. 2018 with the end-of-task
     score instead of the max). Its last entry equals :func:`average_forgetting`.
     """
-    M = _as_matrix(R)
+    M = check_matrix(R)
     T = M.shape[0]
     lower = np.tril(np.ones((T, T), dtype=bool))
     _require_finite(M[lower], "the lower triangle (incl. diagonal)")
@@ -166,7 +166,7 @@ def bwt(R: ArrayLike) -> float:
 
     BWT = 1/(T-1) * sum_{i < T-1} (R[T-1, i] - R[i, i]); negative means forgetting.
     """
-    M = _as_matrix(R)
+    M = check_matrix(R)
     _require_two_tasks(M, "bwt")
     return float(-forgetting(M).mean())
 
@@ -177,7 +177,7 @@ def fwt(R: ArrayLike, b: ArrayLike) -> float:
     FWT = 1/(T-1) * sum_{i >= 1} (R[i-1, i] - b_i), with ``b`` the scores of the randomly
     initialised model on each task (length T; b_0 is not used).
     """
-    M = _as_matrix(R)
+    M = check_matrix(R)
     _require_two_tasks(M, "fwt")
     T = M.shape[0]
     b_a = np.asarray(b, dtype=float)

@@ -17,8 +17,8 @@ from matplotlib.figure import Figure
 
 from crl.metrics import (
     EvalHistory,
-    _as_matrix,
     average_performance,
+    check_matrix,
     forgetting_curve,
     performance_curve,
 )
@@ -63,7 +63,7 @@ def plot_matrix_heatmap(
     Colours span [0, 1] when all values lie there (accuracies, normalised scores), else the
     data range; nan cells (tasks not evaluated) are left blank and marked "–".
     """
-    M = _as_matrix(R)
+    M = check_matrix(R)
     T = M.shape[0]
     rows = _labels(row_labels, T, "row_labels")
     cols = _labels(col_labels, T, "col_labels")
@@ -113,7 +113,7 @@ def plot_average_and_forgetting(
     evaluated, mean over all tasks (CW's P). Right: :func:`crl.metrics.forgetting_curve`,
     the mean forgetting of the earlier tasks after each task (undefined after the first).
     """
-    M = _as_matrix(R)
+    M = check_matrix(R)
     T = M.shape[0]
     labels = _labels(task_labels, T, "task_labels")
     x = np.arange(T)
