@@ -28,7 +28,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +42,6 @@ from gymnasium.vector import AutoresetMode, SyncVectorEnv
 
 from crl.metrics import normalize_score
 from crl.strategies.base import Strategy
-from crl.tracking import atomic_write_text
 
 if TYPE_CHECKING:
     from envs.sequence import TaskSequence
@@ -56,6 +57,37 @@ MAX_EPISODE_STEPS = 1_000_000
 class Predictor(Protocol):
     def predict(self, observation: Any, *args: Any, deterministic: bool = ...,
                 **kwargs: Any) -> tuple[np.ndarray, Any]: ...
+
+
+# --------------------------------------------------------------------------------------------
+# Cache files
+# --------------------------------------------------------------------------------------------
+def json_ready(value: Any) -> Any:
+    """numpy scalars/arrays, tuples and paths -> JSON values; nan/inf -> None."""
+    if isinstance(value, dict):
+        return {str(k): json_ready(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_ready(v) for v in value]
+    if isinstance(value, np.ndarray | np.generic):
+        return json_ready(value.tolist())
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return value
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Atomic write (temp file + os.replace): a crash never leaves half a cache file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(json_ready(data), fh, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 # --------------------------------------------------------------------------------------------
@@ -364,10 +396,10 @@ def random_returns(
             res = ev.evaluate(policy)
         for r, t in enumerate(todo):
             out[t] = float(res.mean_returns[r])
-            atomic_write_text(paths[t], json.dumps({
+            write_json(paths[t], {
                 "task": sequence.tasks[t].name, "task_key": task_key(sequence.tasks[t]),
                 "episodes": episodes, "seed": seed, "mean_return": out[t],
-                "returns": res.returns[r].tolist()}, indent=1))
+                "returns": res.returns[r]})
     return {t: out[t] for t in tasks}
 
 

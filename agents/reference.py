@@ -26,9 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from agents.evaluation import CACHE_ROOT, ScoreNormalizer, task_key
+from agents.evaluation import CACHE_ROOT, ScoreNormalizer, json_ready, task_key, write_json
 from crl.metrics import EvalHistory
-from crl.tracking import atomic_write_text, to_builtin
 
 if TYPE_CHECKING:
     from agents.runner import RunConfig
@@ -50,7 +49,7 @@ def reference_settings(config: RunConfig, sequence: TaskSequence, task: int) -> 
     from envs.continual import sequence_spaces
 
     spaces = sequence_spaces(sequence)
-    return to_builtin({
+    return json_ready({
         "format": FORMAT_VERSION,
         "task": task_key(sequence.tasks[task]),
         "task_index": task,
@@ -166,7 +165,7 @@ def run_reference(config: RunConfig, sequence: TaskSequence, task: int, *,
         "seconds": time.perf_counter() - t0,
         "settings": reference_settings(config, sequence, task),
     }
-    atomic_write_text(path, json.dumps(to_builtin(data), indent=1))
+    write_json(path, data)
     return ReferenceRun.load(path, config.forgetting_k)
 
 

@@ -36,11 +36,17 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import KVWriter, Logger
 from tqdm.auto import tqdm
 
-from agents.evaluation import BatchedEvaluator, EvalResult, ScoreNormalizer, build_normalizer
+from agents.evaluation import (
+    BatchedEvaluator,
+    EvalResult,
+    ScoreNormalizer,
+    build_normalizer,
+    json_ready,
+)
 from crl.metrics import EvalHistory, bootstrap_ci, summarize
 from crl.plots import plot_task_curves
 from crl.strategies import strategy_class
-from crl.tracking import RunTracker, to_builtin
+from crl.tracking import RunTracker
 
 if TYPE_CHECKING:
     from envs.sequence import TaskSequence
@@ -257,7 +263,7 @@ class EvalRecord:
         return scores
 
     def to_dict(self) -> dict[str, Any]:
-        return to_builtin(dataclasses.asdict(self))
+        return json_ready(dataclasses.asdict(self))
 
 
 class _EvalCallback(BaseCallback):
@@ -431,7 +437,7 @@ def reference_command(config: RunConfig) -> str:
         else:
             extra[key] = value
     if extra:
-        parts.append(f"--sb3-kwargs '{json.dumps(to_builtin(extra))}'")
+        parts.append(f"--sb3-kwargs '{json.dumps(json_ready(extra))}'")
     if config.device != "cpu":
         parts.append(f"--device {config.device}")
     if config.reference_seed != 1:

@@ -73,7 +73,7 @@ def test_train_writes_results_metrics_and_the_plot(trained) -> None:
     assert 0.0 < results["eval_share"] < 1.0
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     eval_rows = [r for r in rows if "eval/0-cartpole/score" in r]
-    assert [r["step"] for r in eval_rows] == ev["steps"]
+    assert [r.get("_step", r.get("step")) for r in eval_rows] == ev["steps"]
     assert [r["eval/1-cartpole-swapped/return"] for r in eval_rows] == returns[:, 1].tolist()
     assert any(k.startswith("train/") for r in rows for k in r)  # SB3's logger is routed
     assert (run_dir / "checkpoints" / "agent.zip").is_file()
