@@ -14,7 +14,7 @@ import math
 import os
 import tempfile
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -90,6 +90,7 @@ class RunTracker:
         self.finished = False
         self.wandb_mode = "disabled"
         self.wandb_run: Any = None
+        self._wandb_failed: set[str] = set()
         if wandb_mode != "disabled":
             self._start_wandb(wandb_mode, project, group, name, tags, job_type, resume_id)
 
@@ -98,11 +99,11 @@ class RunTracker:
                      tags: Sequence[str] | None, job_type: str | None,
                      resume_id: str | None) -> None:
         """Start W&B in ``mode``; online falling over goes offline, offline failing goes off."""
-        import wandb
-
         modes = [mode, "offline"] if mode == "online" else [mode]
         for m in modes:
             try:
+                import wandb
+
                 self.wandb_run = wandb.init(
                     mode=m, dir=str(self.run_dir), config=self.config, project=project,
                     group=group, name=name, tags=list(tags) if tags else None,
@@ -121,19 +122,35 @@ class RunTracker:
                 {"id": self.wandb_run.id, "mode": self.wandb_mode, "project": project,
                  "group": group, "name": name}, indent=1))
 
-    def _wandb(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> None:
+    def _wandb(self, what: str, fn: Callable[[], Any]) -> None:
+        """Run a W&B call; a failure is one warning per kind of call, never an exception.
+
+        The run is kept after a failure so that later calls (and ``finish``, which closes
+        the offline files) still get their chance.
+        """
         if self.wandb_run is None:
             return
         try:
-            fn(*args, **kwargs)
-        except Exception as exc:  # noqa: BLE001
-            warnings.warn(f"W&B {what} failed ({exc}); continuing with local logging only",
-                          RuntimeWarning, stacklevel=3)
-            self.wandb_run = None
+            fn()  # attribute access on the run happens inside, under the guard
+        except Exception as exc:  # noqa: BLE001 - logging must never stop training
+            if what not in self._wandb_failed:
+                self._wandb_failed.add(what)
+                warnings.warn(f"W&B {what} failed ({type(exc).__name__}: {exc}); the local run "
+                              "directory keeps everything, further failures of this kind are "
+                              "not repeated", RuntimeWarning, stacklevel=3)
 
     # -- logging ---------------------------------------------------------------------------
     def log(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
-        """Append one row to metrics.jsonl (flushed) and mirror it to W&B."""
+        """Append one row to metrics.jsonl (flushed) and mirror it to W&B.
+
+        The row is ``{"step": step, **metrics}`` (no "step" key when step is None); nan/inf
+        are stored as null and not sent to W&B. "step" is reserved as a metric name.
+        """
+        if self.finished:
+            raise RuntimeError(f"the run in {self.run_dir} is finished; log before finish()")
+        if "step" in metrics:
+            raise ValueError("'step' is reserved for the step argument of log(); rename the "
+                             "metric or pass it as step=")
         row = to_builtin(dict(metrics))
         if step is not None:
             row = {"step": int(step)} | row
@@ -141,13 +158,19 @@ class RunTracker:
         self._metrics.flush()
         if self.wandb_run is not None:
             payload = {k: v for k, v in row.items() if k != "step" and v is not None}
-            self._wandb("log", self.wandb_run.log, payload, step=step)
+            self._wandb("log", lambda: self.wandb_run.log(payload, step=step))
 
-    def log_image(self, key: str, path: str | Path) -> None:
+    def log_image(self, key: str, path: str | Path) -> Path:
+        """Log an image file (kept where it is, normally run_dir/plots/) as ``wandb.Image``."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"log_image({key!r}): no image file at {path}; save the "
+                                    "plot before logging it")
         if self.wandb_run is not None:
             import wandb
 
             self._wandb("image", lambda: self.wandb_run.log({key: wandb.Image(str(path))}))
+        return path
 
     def log_matrix(self, key: str, matrix: np.ndarray, row_labels: Sequence[str],
                    col_labels: Sequence[str]) -> Path:
@@ -169,7 +192,14 @@ class RunTracker:
         return path
 
     def finish(self, results: Mapping[str, Any] | None = None, *, failed: bool = False) -> None:
-        """Write results.json, put final metrics in the W&B summary, close everything."""
+        """Write results.json, put final metrics in the W&B summary, close everything.
+
+        Idempotent; ``failed=True`` (set by the context manager on an exception) ends the
+        W&B run with exit code 1. The W&B summary gets numbers and lists of numbers; nested
+        records stay in results.json. wandb-core completes the offline ``.wandb`` file just
+        after this returns (asynchronously); the process's exit, or ``wandb.teardown()``,
+        waits for it, so run ``wandb sync`` after the process has ended.
+        """
         if self.finished:
             return
         self.finished = True
@@ -177,11 +207,14 @@ class RunTracker:
             clean = to_builtin(dict(results))
             atomic_write_text(self.run_dir / "results.json", json.dumps(clean, indent=1))
             if self.wandb_run is not None:
-                scalars = {k: v for k, v in clean.items() if isinstance(v, (int, float))}
-                self._wandb("summary", self.wandb_run.summary.update, scalars)
+                # numbers and per-task lists of numbers; bulky records (tables, curves) stay
+                # in results.json only
+                scalars = {k: v for k, v in clean.items() if isinstance(v, (int, float)) or (
+                    isinstance(v, list) and all(isinstance(x, (int, float)) for x in v))}
+                self._wandb("summary", lambda: self.wandb_run.summary.update(scalars))
         self._metrics.close()
         if self.wandb_run is not None:
-            self._wandb("finish", self.wandb_run.finish, exit_code=1 if failed else 0)
+            self._wandb("finish", lambda: self.wandb_run.finish(exit_code=1 if failed else 0))
 
     def __enter__(self) -> RunTracker:
         return self
