@@ -455,7 +455,7 @@ def _reference(force: bool = False, **params: Any) -> None:
     t = Table(title=f"reference runs: {sequence.name}, {config.agent}, seed "
                     f"{config.reference_seed}")
     for col in ("task", "steps", "evaluations", "final return", "cache file"):
-        t.add_column(col)
+        t.add_column(col, overflow="fold")
     for ref in refs.values():
         t.add_row(ref.task_name, f"{ref.budget:,}", str(len(ref.steps)),
                   f"{ref.final_return:.2f}", str(ref.path))

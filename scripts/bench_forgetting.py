@@ -36,7 +36,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "finetune": ("finetune", {}),
     "l2": ("l2", {"lam": 1000.0}),
     "ewc": ("ewc", {"lam": 1000.0}),
-    "mas": ("mas", {"lam": 1000.0}),
+    "mas": ("mas", {"lam": 100.0}),
     "packnet": ("packnet", {}),
     "agem": ("agem", {}),
     "replay": ("replay", {}),
