@@ -133,6 +133,18 @@ def _check_episodes(episodes: int) -> int:
     return int(episodes)
 
 
+def _check_max_steps(max_steps: int | None) -> int | None:
+    """Cap on evaluation episode length (Atari: an idle deterministic policy can otherwise
+    run to the 108k-frame limit); None keeps the envs' own time limits."""
+    if max_steps is None:
+        return None
+    if isinstance(max_steps, bool) or not isinstance(max_steps, int | np.integer) or (
+        max_steps < 1
+    ):
+        raise ValueError(f"eval max steps must be a positive integer or None, got {max_steps!r}.")
+    return int(max_steps)
+
+
 def _check_tasks(sequence: TaskSequence, tasks: Sequence[int] | None) -> tuple[int, ...]:
     if tasks is None:
         return tuple(range(sequence.num_tasks))
@@ -194,9 +206,11 @@ class BatchedEvaluator:
         tasks: Sequence[int] | None = None,
         seed: int | None = None,
         append_task_id: bool = True,
+        max_steps: int | None = None,
     ) -> None:
         self.sequence = sequence
         self.episodes = _check_episodes(episodes)
+        self.max_steps = _check_max_steps(max_steps)
         self.tasks = _check_tasks(sequence, tasks)
         self.slot_row = np.repeat(np.arange(len(self.tasks)), self.episodes)
         self.slot_task = np.asarray(self.tasks)[self.slot_row]
@@ -255,6 +269,8 @@ class BatchedEvaluator:
                 reports_success |= mask
                 success |= mask & (np.asarray(infos["success"]) > 0)
             live &= ~(terminated | truncated)
+            if self.max_steps is not None:
+                live &= lengths < self.max_steps
             steps += 1
             if steps > MAX_EPISODE_STEPS:
                 raise RuntimeError(
@@ -295,6 +311,7 @@ def evaluate_per_task(
     strategy: Strategy | None = None,
     deterministic: bool = True,
     append_task_id: bool = True,
+    max_steps: int | None = None,
 ) -> EvalResult:
     """The plain loop: task by task, episode by episode, one observation per predict call.
 
@@ -302,6 +319,7 @@ def evaluate_per_task(
     """
     episodes = _check_episodes(episodes)
     tasks = _check_tasks(sequence, tasks)
+    max_steps = _check_max_steps(max_steps)
     predictor = _predictor(model)
     context = per_task_context(model, strategy)
     seeds = slot_seeds(sequence, episodes, tasks, seed)
@@ -326,7 +344,8 @@ def evaluate_per_task(
                         if "success" in info:
                             reported = True
                             success |= bool(info["success"] > 0)
-                        done = terminated or truncated
+                        done = terminated or truncated or (
+                            max_steps is not None and lengths[r, e] >= max_steps)
                     if reported:
                         successes[r, e] = float(success)
         finally:
@@ -372,6 +391,7 @@ def random_returns(
     episodes: int = 10,
     seed: int = 0,
     cache_dir: str | Path | None = None,
+    max_steps: int | None = None,
 ) -> dict[int, float]:
     """Mean return of the uniform random policy per task, measured once and cached.
 
@@ -385,13 +405,16 @@ def random_returns(
     paths: dict[int, Path] = {}
     for t in tasks:
         payload = {"task": task_key(sequence.tasks[t]), "episodes": episodes, "seed": seed}
+        if max_steps is not None:
+            payload["max_steps"] = max_steps
         paths[t] = root / f"{sequence.tasks[t].name}-{_digest(payload)}.json"
         if paths[t].is_file():
             out[t] = float(json.loads(paths[t].read_text())["mean_return"])
         else:
             todo.append(t)
     if todo:
-        with BatchedEvaluator(sequence, episodes, tasks=todo, seed=seed) as ev:
+        with BatchedEvaluator(sequence, episodes, tasks=todo, seed=seed,
+                              max_steps=max_steps) as ev:
             policy = RandomPolicy(ev.vec_env.single_action_space, seed)
             res = ev.evaluate(policy)
         for r, t in enumerate(todo):
@@ -476,6 +499,7 @@ def build_normalizer(
     seed: int = 0,
     cache_dir: str | Path | None = None,
     reference_hint: str = "crl reference",
+    max_steps: int | None = None,
 ) -> ScoreNormalizer:
     """Bounds for every task: configured ones first, else measured ones (DESIGN.md).
 
@@ -490,7 +514,7 @@ def build_normalizer(
     missing: dict[int, str] = {}
     need_low = [i for i, t in enumerate(sequence.tasks) if kind[i] == "return" and t.low is None]
     measured = random_returns(sequence, need_low, episodes=random_episodes, seed=seed,
-                              cache_dir=cache_dir) if need_low else {}
+                              cache_dir=cache_dir, max_steps=max_steps) if need_low else {}
     refs = reference_returns or {}
     for i, t in enumerate(sequence.tasks):
         if kind[i] == "success":

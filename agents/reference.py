@@ -64,6 +64,7 @@ def reference_settings(config: RunConfig, sequence: TaskSequence, task: int) -> 
         "agent_options": {k: config.agent_options[k] for k in sorted(config.agent_options)},
         "eval_every": config.eval_every,
         "eval_episodes": config.eval_episodes,
+        **({"eval_max_steps": config.eval_max_steps} if config.eval_max_steps else {}),
         "seed": config.reference_seed,
         "device": config.device,
     })
@@ -151,7 +152,8 @@ def run_reference(config: RunConfig, sequence: TaskSequence, task: int, *,
     normalizer = _raw_normalizer(sequence)  # raw returns are cached, scored when used
     record = EvalRecord((task,))
     t0 = time.perf_counter()
-    with BatchedEvaluator(sequence, config.eval_episodes, tasks=[task]) as evaluator:
+    with BatchedEvaluator(sequence, config.eval_episodes, tasks=[task],
+                          max_steps=config.eval_max_steps) as evaluator:
         _train_stages(agent, [Stage(task, sequence.task_budget(task))], evaluator, normalizer,
                       record, eval_every=config.eval_every, log=lambda row, step: None,
                       task_names=sequence.task_names, progress=config.progress,

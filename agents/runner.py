@@ -87,6 +87,7 @@ class RunConfig:
     steps_per_task: int | None = None
     eval_every: int = 5_000
     eval_episodes: int = 5
+    eval_max_steps: int | None = None
     forgetting_k: int = 5
     net_arch: tuple[int, ...] | None = None
     agent_options: dict[str, Any] = field(default_factory=dict)
@@ -426,6 +427,8 @@ def reference_command(config: RunConfig) -> str:
     if config.steps_per_task is not None:
         parts.append(f"--steps-per-task {config.steps_per_task}")
     parts.append(f"--eval-every {config.eval_every} --eval-episodes {config.eval_episodes}")
+    if config.eval_max_steps is not None:
+        parts.append(f"--eval-max-steps {config.eval_max_steps}")
     if config.net_arch is not None:
         parts.append("--net-arch " + ",".join(map(str, config.net_arch)))
     extra = {}
@@ -470,6 +473,7 @@ def train(config: RunConfig, *, run_dir: str | Path | None = None,
         cache_dir=None if config.reference_dir is None
         else Path(config.reference_dir) / "random_returns",
         reference_hint=reference_command(config),
+        max_steps=config.eval_max_steps,
     )
     if missing_refs:
         warnings.warn(
@@ -493,7 +497,8 @@ def train(config: RunConfig, *, run_dir: str | Path | None = None,
         record = EvalRecord(tuple(range(sequence.num_tasks)))
         stages = [Stage(t, b) for t, b in zip(sequence.schedule, sequence.stage_steps,
                                                strict=True)]
-        with BatchedEvaluator(sequence, config.eval_episodes) as evaluator:
+        with BatchedEvaluator(sequence, config.eval_episodes,
+                              max_steps=config.eval_max_steps) as evaluator:
             timings = _train_stages(
                 agent, stages, evaluator, normalizer, record, eval_every=config.eval_every,
                 log=tracker.log, task_names=sequence.task_names, progress=config.progress,

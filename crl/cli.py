@@ -261,6 +261,7 @@ AGENT_OPTION_DESTS = {
 }
 RUN_CONFIG_DESTS = (
     "sequence", "agent", "method", "seed", "steps_per_task", "eval_every", "eval_episodes",
+    "eval_max_steps",
     "forgetting_k", "device", "torch_threads", "run_dir", "wandb", "wandb_project", "group",
     "reference_dir", "reference_seed", "require_references", "random_episodes", "progress",
     "save_model",
@@ -284,6 +285,9 @@ def _rl_options() -> list[click.Option]:
             "[5000]"),
         opt(["--eval-episodes"], type=click.IntRange(min=1),
             help="Episodes per task per evaluation. [5]"),
+        opt(["--eval-max-steps"], type=click.IntRange(min=1),
+            help="Cut evaluation episodes after N steps (Atari: idle deterministic policies "
+            "run to the 108k-frame limit). [the envs' own limits]"),
         opt(["--seed"], type=int, help="[0]"),
         opt(["--net-arch"], type=str, help="Hidden widths of every MLP, e.g. 256,256. "
             "[SB3's default]"),

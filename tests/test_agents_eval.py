@@ -251,3 +251,15 @@ def test_bad_arguments_are_clear_errors(cartpole) -> None:
         BatchedEvaluator(cartpole, 1, tasks=[2])
     with BatchedEvaluator(cartpole, 1) as ev, pytest.raises(TypeError, match="predict"):
         ev.evaluate(object())
+
+
+def test_episode_length_cap_is_the_same_in_both_implementations(cartpole) -> None:
+    policy = HeadPolicy()  # balances for the whole 200-step horizon
+    with BatchedEvaluator(cartpole, 2, max_steps=37) as ev:
+        capped = ev.evaluate(policy)
+    np.testing.assert_array_equal(capped.lengths, np.full((2, 2), 37))
+    np.testing.assert_array_equal(capped.returns, np.full((2, 2), 37.0))
+    loop = evaluate_per_task(policy, cartpole, 2, max_steps=37)
+    np.testing.assert_array_equal(loop.returns, capped.returns)
+    with pytest.raises(ValueError, match="max steps must be a positive integer"):
+        BatchedEvaluator(cartpole, 1, max_steps=0)
