@@ -85,6 +85,7 @@ class RunConfig:
     method: str = "finetune"
     seed: int = 0
     steps_per_task: int | None = None
+    cycles: int | None = None
     eval_every: int = 5_000
     eval_episodes: int = 5
     eval_max_steps: int | None = None
@@ -140,7 +141,11 @@ def load_sequence(config: RunConfig) -> TaskSequence:
     """The run's sequence, with the step budget override applied."""
     from envs.registry import get_sequence
 
-    overrides = {} if config.steps_per_task is None else {"steps_per_task": config.steps_per_task}
+    overrides: dict[str, Any] = {}
+    if config.steps_per_task is not None:
+        overrides["steps_per_task"] = config.steps_per_task
+    if config.cycles is not None:
+        overrides["cycles"] = config.cycles
     return get_sequence(config.sequence, **overrides)
 
 

@@ -260,7 +260,8 @@ AGENT_OPTION_DESTS = {
     "importance_samples": "importance_samples",
 }
 RUN_CONFIG_DESTS = (
-    "sequence", "agent", "method", "seed", "steps_per_task", "eval_every", "eval_episodes",
+    "sequence", "agent", "method", "seed", "steps_per_task", "cycles", "eval_every",
+    "eval_episodes",
     "eval_max_steps",
     "forgetting_k", "device", "torch_threads", "run_dir", "wandb", "wandb_project", "group",
     "reference_dir", "reference_seed", "require_references", "random_episodes", "progress",
@@ -281,6 +282,8 @@ def _rl_options() -> list[click.Option]:
             "[finetune]"),
         opt(["--steps-per-task"], type=click.IntRange(min=1),
             help="Env steps per task. [the sequence's own]"),
+        opt(["--cycles"], type=click.IntRange(min=1),
+            help="Times the task list is repeated (Atari6: 3, CW20: 2). [the sequence's own]"),
         opt(["--eval-every"], type=click.IntRange(min=1), help="Evaluate every K env steps. "
             "[5000]"),
         opt(["--eval-episodes"], type=click.IntRange(min=1),

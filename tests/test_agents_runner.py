@@ -155,7 +155,8 @@ def test_yaml_options_and_command_line_precedence(tmp_path: Path) -> None:
         "sb3-kwargs": {"tau": 0.01}, "multi-head": False,
     }))
     config = _run_config(_resolve(_params("train", config_file=str(cfg), steps_per_task=400,
-                                          learning_rate=0.01)))
+                                          learning_rate=0.01, cycles=2)))
+    assert load_sequence(config).schedule == (0, 1, 2, 3) * 2
     assert (config.sequence, config.agent, config.method) == ("PendulumVariants", "sac", "ewc")
     assert config.steps_per_task == 400  # command line beats YAML
     assert config.method_options == {"ewc": {"lam": 7.0}}
