@@ -283,7 +283,7 @@ def test_describe_lists_every_sequence_with_tasks_and_budget():
     text = envs.describe_sequences()
     for row in envs.sequence_rows():
         assert row["name"] in text and ", ".join(row["tasks"]) in text
-    assert "CartPoleSwap (crl/CartPoleSwap-v0): 2 tasks, 50,000 steps/task" in text
+    assert "CartPoleSwap (crl/CartPoleSwap-v0): 2 tasks, 20,480 steps/task" in text
     assert "CW20 (crl/CW20-v0): 10 tasks, 1,000,000 steps/task, 2 cycle(s), 20,000,000" in text
 
 
