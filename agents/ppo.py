@@ -27,7 +27,6 @@ on two tasks.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,7 +42,6 @@ from torch import nn
 from agents.continual import ContinualAgent, check_num_tasks, check_sb3_version
 from agents.ppo_policy import MultiHeadActorCriticPolicy, MultiHeadMultiInputPolicy
 from crl.strategies.base import Batch, Strategy
-from crl.strategies.l2 import AnchoredPenalty
 from crl.strategies.replay import Replay
 
 check_sb3_version()
@@ -243,21 +241,6 @@ class ContinualPPO(ContinualAgent, PPO):
         return PPOLosses(policy_loss, value_loss, entropy_loss, total, log_prob, ratio)
 
     # -- ContinualAgent --------------------------------------------------------------------
-    def end_task(self, task: int) -> None:
-        """The strategy consolidates the task; EWC/MAS/L2 do so without autograd history.
-
-        Work-around: ``crl.strategies.importance.accumulate_importance`` runs its per-sample
-        Jacobians with grad mode on, so the Fisher / MAS weights keep a graph through the
-        parameters it does not differentiate (the per-task heads), and the second update that
-        backpropagates the penalty fails. Anchored penalties train nothing at the end of a
-        task, so computing them under ``no_grad`` gives the same values (torch.func
-        transforms ignore the outer no_grad) without the graph. PackNet retrains and keeps
-        grad mode.
-        """
-        guard = torch.no_grad() if isinstance(self.strategy, AnchoredPenalty) else nullcontext()
-        with guard:
-            super().end_task(task)
-
     def _make_host(self) -> PPOHost:
         return PPOHost(self)
 
