@@ -137,6 +137,26 @@ def _check_finite(loss: torch.Tensor, task: int, update: int) -> None:
         )
 
 
+def _train_step(
+    host: ClassifierHost, strategy: Strategy, optimizer: torch.optim.Optimizer, batch: Batch,
+    task: int, update: int,
+) -> dict[str, float]:
+    """One update with the hooks in DESIGN.md's order; returns the row to log."""
+    optimizer.zero_grad(set_to_none=True)
+    loss = host.loss(batch)
+    penalty = strategy.penalty()
+    total = loss if penalty is None else loss + penalty
+    _check_finite(total, task, update)
+    total.backward()
+    strategy.before_optimizer_step()
+    optimizer.step()
+    strategy.after_optimizer_step()
+    row = {"train/loss": loss.item()}
+    if penalty is not None:
+        row["train/penalty"] = penalty.item()
+    return row
+
+
 def run_sequence(
     benchmark: Benchmark,
     model: nn.Module,
@@ -173,21 +193,10 @@ def run_sequence(
         )
         for _ in range(config.epochs):
             for batch in task.batches(config.batch_size, generator=generator):
-                optimizer.zero_grad(set_to_none=True)
-                loss = host.loss(batch)
-                penalty = strategy.penalty()
-                total = loss if penalty is None else loss + penalty
-                _check_finite(total, i, updates)
-                total.backward()
-                strategy.before_optimizer_step()
-                optimizer.step()
-                strategy.after_optimizer_step()
+                row = _train_step(host, strategy, optimizer, batch, i, updates)
                 updates += 1
                 bar.update()
                 if on_update is not None and updates % config.log_every == 0:
-                    row = {"train/loss": loss.item()}
-                    if penalty is not None:
-                        row["train/penalty"] = penalty.item()
                     on_update(updates, row)
         bar.close()
         strategy.on_task_end(i)
@@ -215,20 +224,17 @@ def run_joint(
         [torch.full((t.train_x.shape[0],), t.index, dtype=torch.long) for t in benchmark.tasks]
     )
     host = ClassifierHost(model, config, generator)
+    no_method = Strategy().bind(host)  # the base strategy's hooks are all no-ops
     optimizer = make_optimizer(host.trained_parameters(), config)
     start = time.perf_counter()
     updates = 0
     model.train()
     for _ in tqdm(range(config.epochs), desc="joint", disable=not config.progress, leave=False):
         for batch in iterate_batches(x, y, task_ids, config.batch_size, generator=generator):
-            optimizer.zero_grad(set_to_none=True)
-            loss = host.loss(batch)
-            _check_finite(loss, -1, updates)
-            loss.backward()
-            optimizer.step()
+            row = _train_step(host, no_method, optimizer, batch, -1, updates)
             updates += 1
             if on_update is not None and updates % config.log_every == 0:
-                on_update(updates, {"train/loss": loss.item()})
+                on_update(updates, row)
     final = evaluate_all(model, benchmark, None, config.eval_batch_size)
     elapsed = time.perf_counter() - start
     return SupervisedResult("joint", final[None, :], initial, [elapsed], updates)
