@@ -7,9 +7,11 @@ imports neither.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -392,6 +394,19 @@ def _rl_errors() -> tuple[type[BaseException], ...]:
             MissingReferenceError)
 
 
+@contextlib.contextmanager
+def _rl_usage_errors() -> Iterator[None]:
+    """Bad RL input (and agents that cannot be imported) become click usage errors."""
+    try:
+        errors = _rl_errors()
+    except ImportError as exc:
+        raise click.UsageError(f"the RL agents cannot be imported: {exc}") from exc
+    try:
+        yield
+    except errors as exc:
+        raise click.UsageError(str(exc)) from exc
+
+
 def _fmt_value(v: Any) -> str:
     return "n/a" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.3f}"
 
@@ -421,16 +436,11 @@ def print_run_table(summary: dict[str, Any], title: str) -> None:
 
 
 def _train(**params: Any) -> None:
-    try:
+    with _rl_usage_errors():
         from agents.runner import train
-    except ImportError as exc:
-        raise click.UsageError(f"the RL agents cannot be imported: {exc}") from exc
-    errors = _rl_errors()
-    try:
+
         config = _run_config(_resolve(params))
         result = train(config)
-    except errors as exc:
-        raise click.UsageError(str(exc)) from exc
     s = result.summary
     print_run_table(s, f"{s['sequence']}: {config.agent} + {config.method}, seed {config.seed}")
     console.print(f"performance P(T) {_fmt_value(s.get('final_performance'))} (last "
@@ -445,20 +455,15 @@ def _train(**params: Any) -> None:
 
 
 def _reference(force: bool = False, **params: Any) -> None:
-    try:
+    with _rl_usage_errors():
         from agents.reference import run_references
         from agents.runner import check_agent_fits, check_agent_options, load_sequence
-    except ImportError as exc:
-        raise click.UsageError(f"the RL agents cannot be imported: {exc}") from exc
-    errors = _rl_errors()
-    try:
+
         config = _run_config(_resolve(params))
         sequence = load_sequence(config)
         check_agent_fits(config, sequence)
         check_agent_options(config)
         refs = run_references(config, sequence, force=force)
-    except errors as exc:
-        raise click.UsageError(str(exc)) from exc
     t = Table(title=f"reference runs: {sequence.name}, {config.agent}, seed "
                     f"{config.reference_seed}")
     for col in ("task", "steps", "evaluations", "final return", "cache file"):
