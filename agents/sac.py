@@ -49,7 +49,7 @@ from torch.nn import functional as F
 from agents.continual import ContinualAgent, build_strategy, check_num_tasks
 from agents.heads import task_index_from_obs
 from agents.sac_buffer import TaskReplayBuffer
-from agents.sac_policy import MultiHeadActor, MultiHeadSACPolicy
+from agents.sac_policy import MultiHeadSACPolicy
 from crl.strategies import Batch, Strategy
 
 
@@ -119,17 +119,8 @@ class SACHost:
         return self.agent.task_batches()
 
     def output_distribution(self, batch: Batch) -> Distribution:
-        """The pre-tanh Gaussian (CW); its Fisher equals the squashed policy's.
-
-        Strategies differentiate it only w.r.t. the protected parameters (importance, which
-        swaps those in with torch.func), so the unprotected heads enter as constants: their
-        autograd history would otherwise leak into the stored importance tensors.
-        """
-        actor = self.agent.actor
-        if isinstance(actor, MultiHeadActor):
-            mean, log_std = actor.dist_params(batch["obs"], constant_heads=True)
-        else:
-            mean, log_std, _ = actor.get_action_dist_params(batch["obs"])
+        """The pre-tanh Gaussian (CW); its Fisher equals the squashed policy's."""
+        mean, log_std, _ = self.agent.actor.get_action_dist_params(batch["obs"])
         normal = Normal(mean, log_std.exp(), validate_args=False)
         return Independent(normal, 1, validate_args=False)
 

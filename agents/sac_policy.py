@@ -21,7 +21,6 @@ from stable_baselines3.common.torch_layers import BaseFeaturesExtractor, create_
 from stable_baselines3.common.type_aliases import PyTorchObs
 from stable_baselines3.sac.policies import LOG_STD_MAX, LOG_STD_MIN, Actor, SACPolicy
 from torch import nn
-from torch.func import functional_call
 
 from agents.heads import MultiHeadLinear, task_index_from_obs
 
@@ -70,23 +69,13 @@ class MultiHeadActor(Actor):
         data["num_tasks"] = self.num_tasks
         return data
 
-    def dist_params(
-        self, obs: PyTorchObs, constant_heads: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean, clamped log-std) of each sample's pre-tanh Gaussian, from its task's head.
-
-        ``constant_heads`` uses detached head weights: importance differentiates only the
-        protected trunk and must not record autograd history through the heads.
-        """
+    def dist_params(self, obs: PyTorchObs) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, clamped log-std) of each sample's pre-tanh Gaussian, from its task's head."""
         task = task_index_from_obs(obs, self.num_tasks)
         features = self.extract_features(obs, self.features_extractor)
         latent_pi = self.latent_pi(features)
-        if constant_heads:
-            mean_actions = _constant(self.mu, latent_pi, task)
-            log_std = _constant(self.log_std, latent_pi, task)
-        else:
-            mean_actions = self.mu(latent_pi, task)
-            log_std = self.log_std(latent_pi, task)
+        mean_actions = self.mu(latent_pi, task)
+        log_std = self.log_std(latent_pi, task)
         return mean_actions, torch.clamp(log_std, LOG_STD_MIN, LOG_STD_MAX)
 
     def get_action_dist_params(
@@ -94,12 +83,6 @@ class MultiHeadActor(Actor):
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         mean_actions, log_std = self.dist_params(obs)
         return mean_actions, log_std, {}
-
-
-def _constant(layer: nn.Module, x: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
-    """``layer(x, task)`` with its parameters detached (works inside torch.func transforms)."""
-    params = {n: p.detach() for n, p in layer.named_parameters()}
-    return functional_call(layer, params, (x, task))
 
 
 class HeadedQNetwork(nn.Module):
