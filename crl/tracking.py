@@ -59,6 +59,13 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+def _count_lines(path: Path) -> int:
+    if not path.is_file():
+        return 0
+    with path.open("rb") as fh:
+        return sum(1 for _ in fh)
+
+
 class RunTracker:
     """One run: local directory + optional W&B mirror. Use as a context manager."""
 
@@ -74,7 +81,11 @@ class RunTracker:
         tags: Sequence[str] | None = None,
         job_type: str | None = None,
         resume_id: str | None = None,
+        resume_rows: int | None = None,
     ) -> None:
+        """``resume_rows``: continue an interrupted run in ``run_dir``: metrics.jsonl is cut
+        back to its first ``resume_rows`` rows (the rows its checkpoint had seen, so no row is
+        lost or duplicated) and the W&B run id of ``wandb_run.json`` is reused."""
         if wandb_mode not in WANDB_MODES:
             raise ValueError(
                 f"wandb mode must be one of {', '.join(WANDB_MODES)}, got {wandb_mode!r}"
@@ -86,13 +97,39 @@ class RunTracker:
         atomic_write_text(
             self.run_dir / "config.yaml", yaml.safe_dump(self.config, sort_keys=False)
         )
-        self._metrics = (self.run_dir / "metrics.jsonl").open("a")
+        metrics_path = self.run_dir / "metrics.jsonl"
+        if resume_rows is not None:
+            self._truncate_metrics(metrics_path, resume_rows)
+            if resume_id is None:
+                resume_id = self.previous_wandb_id(self.run_dir)
+        self.rows = _count_lines(metrics_path)
+        self._metrics = metrics_path.open("a")
         self.finished = False
         self.wandb_mode = "disabled"
         self.wandb_run: Any = None
         self._wandb_failed: set[str] = set()
         if wandb_mode != "disabled":
             self._start_wandb(wandb_mode, project, group, name, tags, job_type, resume_id)
+
+    @staticmethod
+    def _truncate_metrics(path: Path, rows: int) -> None:
+        lines = path.read_text().splitlines(keepends=True) if path.is_file() else []
+        if len(lines) < rows:
+            raise ValueError(
+                f"{path} has {len(lines)} rows but the checkpoint saw {rows}: the metrics file "
+                "was edited or replaced since; restore it or start the run again"
+            )
+        if len(lines) > rows:
+            atomic_write_text(path, "".join(lines[:rows]))
+
+    @staticmethod
+    def previous_wandb_id(run_dir: str | Path) -> str | None:
+        """The W&B run id an earlier start of this run directory used (None if none)."""
+        info = Path(run_dir) / "wandb_run.json"
+        try:
+            return json.loads(info.read_text())["id"]
+        except (OSError, ValueError, KeyError):
+            return None
 
     # -- W&B -------------------------------------------------------------------------------
     def _start_wandb(self, mode: str, project: str, group: str | None, name: str | None,
@@ -156,6 +193,7 @@ class RunTracker:
             row = {"step": int(step)} | row
         self._metrics.write(json.dumps(row) + "\n")
         self._metrics.flush()
+        self.rows += 1
         if self.wandb_run is not None:
             payload = {k: v for k, v in row.items() if k != "step" and v is not None}
             self._wandb("log", lambda: self.wandb_run.log(payload, step=step))
