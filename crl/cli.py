@@ -171,8 +171,14 @@ def _supervised(**params: Any) -> None:
     from crl.supervised.experiment import build_benchmark, run_experiment
     from crl.supervised.mnist import MNISTError, load_mnist
 
+    resume, run_path = params.pop("resume", None), params.pop("run_path", None)
+    if resume is not None:
+        _supervised_resume(resume, run_path, params)
+        return
     try:
         configs = _build_configs(_resolve(params))
+        if run_path is not None:
+            _check_run_path(run_path, configs)
         data = load_mnist(configs[0].data_dir, download=configs[0].download)
     except (ValueError, FileNotFoundError, MNISTError) as exc:
         raise click.UsageError(str(exc)) from exc
@@ -181,7 +187,9 @@ def _supervised(**params: Any) -> None:
     for cfg in configs:
         if cfg.seed not in benchmarks:  # the benchmark depends on the seed, not the method
             benchmarks[cfg.seed] = build_benchmark(cfg, data)
-        res = run_experiment(cfg, benchmark=benchmarks[cfg.seed])
+        with _supervised_failures():
+            res = run_experiment(cfg, benchmark=benchmarks[cfg.seed],
+                                 run_dir=None if run_path is None else Path(run_path))
         rows.append(res.summary)
         console.print(
             f"[bold]{cfg.method}[/] seed {cfg.seed}: average accuracy "
@@ -197,11 +205,115 @@ def _supervised(**params: Any) -> None:
         console.print(f"comparison table: {write_csv(table, out / 'comparison.csv')}")
 
 
+def _supervised_run_options() -> list[click.Option]:
+    """Run-directory options of `crl supervised`: resume, exact path, checkpoints, threads."""
+    return [
+        click.Option(["--resume"], type=click.Path(file_okay=False),
+                     help="Continue the interrupted run in this run directory from its last "
+                     "checkpoint (its config.yaml gives the options; options given now must "
+                     "agree with it)."),
+        click.Option(["--run-path"], type=click.Path(file_okay=False),
+                     help="Exact directory of a new run (one method and one seed); it must not "
+                     "hold a run yet."),
+        click.Option(["--checkpoint-every"], type=click.IntRange(min=0),
+                     help="Checkpoint every N updates besides every task boundary "
+                     "(0: boundaries only). [500]"),
+        click.Option(["--torch-threads"], type=click.IntRange(min=1),
+                     help="torch intra-op threads; pin it for bit-exact resumes. "
+                     "[torch's default]"),
+    ]
+
+
+def _check_run_path(run_path: str, configs: list[Any]) -> None:
+    from crl.supervised.experiment import holds_run
+
+    if len(configs) > 1:
+        raise click.UsageError(
+            f"--run-path names one run directory but {len(configs)} runs were asked for "
+            "(--methods/--seeds); drop --run-path or run one method and seed"
+        )
+    existing = holds_run(run_path)
+    if existing:
+        raise click.UsageError(
+            f"--run-path {run_path} already holds a run ({', '.join(existing)}); continue it "
+            f"with --resume {run_path} or choose another directory"
+        )
+
+
+@contextlib.contextmanager
+def _supervised_failures() -> Iterator[None]:
+    """A diverged run is a clear error (exit code 1) naming the fix and the checkpoint."""
+    from crl.supervised.experiment import RunFailed
+
+    try:
+        yield
+    except RunFailed as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def _resume_config(saved: dict[str, Any], given: dict[str, Any]) -> Any:
+    """The run's config (its config.yaml) with the options given now applied on top."""
+    import copy
+
+    from crl.supervised.experiment import SupervisedConfig
+    from crl.supervised.trainer import TrainerConfig
+
+    data = copy.deepcopy(saved)
+    trainer_fields = {f.name for f in dataclasses.fields(TrainerConfig)}
+    by_dest = {mo.dest: mo for mo in method_options()}
+    for key, value in given.items():
+        if key in ("methods", "seeds"):
+            items = split_list(value, int if key == "seeds" else str)
+            if len(items) != 1:
+                raise click.UsageError(f"--resume continues one run; --{key} lists "
+                                       f"{len(items)}: {value}")
+            key, value = key[:-1], items[0]
+        if key == "method":
+            data["method"] = str(value).strip().lower()
+        elif key in trainer_fields:
+            data.setdefault("trainer", {})[key] = value
+        elif key in by_dest:
+            mo = by_dest[key]
+            data.setdefault("method_options", {}).setdefault(mo.method, {})[mo.param] = value
+        elif key == "hidden":
+            data["hidden"] = split_list(value, int)
+        else:
+            data[key] = value
+    return SupervisedConfig.from_dict(data)
+
+
+def _supervised_resume(run_dir: str, run_path: str | None, params: dict[str, Any]) -> None:
+    """`crl supervised --resume RUN_DIR`: validate everything, then continue the run."""
+    from crl.checkpoint import CheckpointError
+    from crl.supervised.experiment import RunFinished, load_run_config, resume_experiment
+    from crl.supervised.mnist import MNISTError
+
+    if run_path is not None:
+        raise click.UsageError("--resume continues the run where it is; drop --run-path")
+    try:
+        config = _resume_config(load_run_config(run_dir), _resolve(params))
+        with _supervised_failures():
+            res = resume_experiment(run_dir, config)
+    except RunFinished as done:
+        avg = done.results.get("avg_acc")
+        console.print(f"{escape(run_dir)} already finished (results.json"
+                      + (f", average accuracy {avg:.4f}" if isinstance(avg, float) else "")
+                      + "); nothing to resume.")
+        return
+    except CheckpointError as exc:
+        raise click.ClickException(f"cannot resume {run_dir}: {exc}") from exc
+    except (ValueError, FileNotFoundError, MNISTError) as exc:
+        raise click.UsageError(f"cannot resume {run_dir}: {exc}") from exc
+    s = res.summary
+    console.print(f"[bold]{config.method}[/] seed {config.seed} (resumed): average accuracy "
+                  f"{s['avg_acc']:.4f}, forgetting {s['forgetting']:.4f} → {res.run_dir}")
+
+
 main.add_command(
     click.Command(
         "supervised",
         callback=_supervised,
-        params=_supervised_options(),
+        params=[*_supervised_options(), *_supervised_run_options()],
         help="Train on split/permuted/rotated MNIST with a continual-learning method.",
     )
 )
@@ -493,6 +605,136 @@ main.add_command(
         "(forward transfer's baseline) with the same agent options as `crl train`.",
     )
 )
+
+
+# --------------------------------------------------------------------------------------------
+# crl sweep (crl/sweep.py): a grid of train/supervised runs on Ray
+# --------------------------------------------------------------------------------------------
+def check_sweep_run(command: str, flat: dict[str, Any]) -> None:
+    """Build one sweep run's config the way the command itself would, strategy included, so
+    a bad grid point fails before the sweep starts anything (raises with the command's
+    own message)."""
+    from crl.strategies import make_strategy
+
+    if command == "supervised":
+        from crl.supervised.experiment import JOINT, method_options_for
+
+        (cfg,) = _build_configs(flat)
+        if cfg.data_dir is not None and not Path(cfg.data_dir).is_dir():
+            raise ValueError(f"data-dir {cfg.data_dir} is not a folder (it must hold the four "
+                             "MNIST IDX files)")
+        if cfg.method != JOINT:
+            make_strategy(cfg.method, **method_options_for(cfg, cfg.tasks or 2))
+        return
+    from agents.continual import build_strategy
+    from agents.runner import check_agent_fits, check_agent_options, load_sequence
+
+    config = _run_config(flat)
+    sequence = load_sequence(config)
+    check_agent_fits(config, sequence)
+    check_agent_options(config)
+    build_strategy(config.method, config.method_options.get(config.method),
+                   sequence.num_tasks, config.seed)
+
+
+@main.command("sweep")
+@click.argument("config_file", metavar="CONFIG.yaml", type=click.Path(dir_okay=False))
+@click.option("--address", help="Ray cluster to run on (e.g. ray://host:10001 or "
+              "host:6379). [a new local Ray instance]")
+@click.option("--num-cpus", type=click.IntRange(min=1),
+              help="CPUs of the local Ray instance. [all of this machine's]")
+@click.option("--max-concurrent", type=click.IntRange(min=1),
+              help="Run at most K runs at once. [as many as the CPUs fit]")
+@click.option("--dry-run", is_flag=True, help="List the runs and their commands; start nothing.")
+@click.option("--ray-timeout", type=click.FloatRange(min=1), default=120.0, show_default=True,
+              help="Seconds to wait for Ray to start or connect.")
+def sweep_command(config_file: str, address: str | None, num_cpus: int | None,
+                  max_concurrent: int | None, dry_run: bool, ray_timeout: float) -> None:
+    """Run a grid of `crl train` or `crl supervised` runs on Ray (see crl/sweep.py for the
+    YAML schema); failed runs are retried, then reported; finished runs are skipped when the
+    sweep runs again; ends with `crl report` on the finished runs. Exit code 1 when a run
+    failed."""
+    from crl.sweep import SweepConfigError, SweepError, load_sweep, print_dry_run, run_sweep
+
+    try:
+        config = load_sweep(config_file)
+    except SweepConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
+    missing = (f"`crl {config.command}` has no --run-path option in this version; the sweep "
+               "needs it to give every run its folder")
+    if dry_run:
+        print_dry_run(config, console)
+        if "run_path" not in click_params(config.command):
+            console.print(f"[yellow]warning:[/] {missing}")
+        return
+    if "run_path" not in click_params(config.command):
+        raise click.UsageError(missing)
+    try:
+        result = run_sweep(config, address=address, num_cpus=num_cpus,
+                           max_concurrent=max_concurrent, ray_timeout_s=ray_timeout,
+                           console=console)
+    except SweepError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if result.failed:
+        raise click.ClickException(f"{len(result.failed)} of {len(result.outcomes)} runs "
+                                   f"failed; see {result.sweep_json}")
+
+
+def click_params(command: str) -> set[str]:
+    """Option dests of `crl <command>` (what a sweep can rely on)."""
+    return {p.name for p in main.commands[command].params if p.name}
+
+
+# --------------------------------------------------------------------------------------------
+# crl report (crl/report.py): method comparison across runs
+# --------------------------------------------------------------------------------------------
+@main.command("report")
+@click.argument("run_dirs", nargs=-1, metavar="[RUN_DIRS]...")
+@click.option("--wandb-group", help="Report the runs of this W&B group: offline, those under "
+              "RUN_DIRS (default: runs/) whose wandb_run.json names the group; with "
+              "--wandb-online, the group's runs in the W&B API.")
+@click.option("--wandb-online", is_flag=True,
+              help="Read --wandb-group through the W&B API (needs network and a login).")
+@click.option("--wandb-project", help="W&B project of --wandb-online. [$WANDB_PROJECT or crl]")
+@click.option("--wandb-entity", help="W&B entity of --wandb-online. [$WANDB_ENTITY or your "
+              "default entity]")
+@click.option("--wandb-timeout", type=click.FloatRange(min=1), default=30.0, show_default=True,
+              help="Seconds each W&B API call may take before the report gives up.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False),
+              help="Folder for report.csv, report.md and the plots. [report/ next to the "
+              "runs, or ./report]")
+@click.option("--plots/--no-plots", default=True, show_default=True, help="Write PNG plots.")
+def report_command(run_dirs: tuple[str, ...], wandb_group: str | None, wandb_online: bool,
+                   wandb_project: str | None, wandb_entity: str | None, wandb_timeout: float,
+                   out_dir: str | None, plots: bool) -> None:
+    """Compare methods across runs: performance, forgetting and forward transfer (RL) or
+    accuracy, forgetting and FWT (supervised), mean and 90% bootstrap CI over seeds; writes
+    report.csv, report.md and PNG plots. RUN_DIRS are run directories or folders above them."""
+    from crl.report import ReportError, default_out_dir, report, report_wandb
+
+    try:
+        if wandb_online:
+            if wandb_group is None:
+                raise ReportError("--wandb-online reads a W&B group: add --wandb-group G")
+            if run_dirs:
+                raise ReportError("--wandb-online reads the runs from W&B; drop the run "
+                                  "directories, or drop --wandb-online to read them locally")
+            result = report_wandb(wandb_group, Path(out_dir or "report"),
+                                  project=wandb_project,
+                                  entity=wandb_entity, console=console,
+                                  timeout_s=wandb_timeout, plots=plots)
+        else:
+            if wandb_project or wandb_entity:
+                raise ReportError("--wandb-project/--wandb-entity choose where the W&B API "
+                                  "looks; add --wandb-online (local runs are found by folder)")
+            paths = list(run_dirs) or (["runs"] if wandb_group else [])
+            out = Path(out_dir) if out_dir else default_out_dir(paths)
+            result = report([Path(p) for p in paths], out, console=console,
+                            wandb_group=wandb_group, plots=plots)
+    except ReportError as exc:
+        raise click.UsageError(str(exc)) from exc
+    click.echo(f"report: {result.md_path}  table: {result.csv_path}  plots: "
+               f"{len(result.plot_paths)}  skipped runs: {len(result.skipped)}")
 
 
 if __name__ == "__main__":  # pragma: no cover

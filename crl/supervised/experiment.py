@@ -2,33 +2,60 @@
 
 The CLI, the benchmark script and the tests all go through :func:`run_experiment`, so a
 run started any of these ways writes the same run directory and W&B run.
+
+Checkpoints and resume: a run writes ``checkpoints/last.pt`` (atomically) at every task
+boundary and every ``trainer.checkpoint_every`` updates. :func:`resume_experiment` continues
+an interrupted run directory from it and finishes it exactly as an uninterrupted run would
+(same metrics rows, same results; wall times aside), reusing the W&B run id. Everything is
+validated before anything in the run directory is written. A run that fails (nan/inf loss or
+any other exception) leaves ``failed.json`` beside its last good checkpoint and no
+``results.json``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
+import json
 import os
 import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
 from crl import metrics
+from crl.checkpoint import (
+    CheckpointError,
+    check_compatible,
+    checkpoint_path,
+    load_checkpoint,
+    save_checkpoint,
+)
 from crl.plots import plot_average_and_forgetting
 from crl.strategies import make_strategy, strategy_class
 from crl.supervised.benchmarks import Benchmark, make_benchmark
 from crl.supervised.mnist import MNIST, load_mnist
 from crl.supervised.models import MLPClassifier
 from crl.supervised.trainer import (
+    NonFiniteError,
     SupervisedResult,
     TrainerConfig,
     run_joint,
     run_sequence,
 )
-from crl.tracking import RunTracker
+from crl.tracking import RunTracker, atomic_write_text, to_builtin
+
+#: Config keys a resume may change: they do not change what the run computes.
+RESUME_MAY_CHANGE = ("trainer.progress", "trainer.checkpoint_every", "data_dir", "download",
+                     "run_dir", "wandb")
+#: Files whose presence marks a directory as holding a run.
+RUN_MARKERS = ("config.yaml", "metrics.jsonl", "results.json", "checkpoints")
 
 JOINT = "joint"
 
@@ -87,6 +114,32 @@ class SupervisedConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SupervisedConfig:
+        """Rebuild a config from :meth:`to_dict` output or a run's config.yaml (its
+        ``resolved_*`` keys are derived, so they are skipped); unknown keys are an error."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        own = {k: v for k, v in data.items() if not str(k).startswith("resolved_")}
+        unknown = sorted(set(own) - names)
+        if unknown:
+            raise ValueError(f"unknown supervised config keys: {', '.join(unknown)}; valid: "
+                             f"{', '.join(sorted(names))}")
+        kwargs = dict(own)
+        if "hidden" in kwargs:
+            kwargs["hidden"] = tuple(int(h) for h in kwargs["hidden"])
+        if "trainer" in kwargs:
+            trainer = dict(kwargs["trainer"] or {})
+            known = {f.name for f in dataclasses.fields(TrainerConfig)}
+            bad = sorted(set(trainer) - known)
+            if bad:
+                raise ValueError(f"unknown trainer config keys: {', '.join(bad)}; valid: "
+                                 f"{', '.join(sorted(known))}")
+            kwargs["trainer"] = TrainerConfig(**trainer)
+        if "method_options" in kwargs:
+            kwargs["method_options"] = {str(m): dict(o) for m, o in
+                                        (kwargs["method_options"] or {}).items()}
+        return cls(**kwargs)
+
 
 @dataclass
 class ExperimentResult:
@@ -131,6 +184,85 @@ def build_benchmark(config: SupervisedConfig, data: MNIST | None = None) -> Benc
     )
 
 
+class RunFinished(Exception):
+    """``resume_experiment`` on a run that already wrote its results; nothing was run."""
+
+    def __init__(self, run_dir: Path, results: dict[str, Any]) -> None:
+        super().__init__(f"the run in {run_dir} already finished (results.json exists); "
+                         "nothing to resume")
+        self.run_dir = run_dir
+        self.results = results
+
+
+class RunFailed(RuntimeError):
+    """Training failed; the run directory keeps ``failed.json`` and the last good checkpoint.
+
+    ``task``/``update`` locate a nan/inf (None for other failures); ``checkpoint`` is the
+    last good checkpoint (None if none was written) and ``position`` where it stands.
+    """
+
+    def __init__(self, message: str, *, run_dir: Path, task: int | None, update: int | None,
+                 checkpoint: Path | None, position: dict[str, Any] | None) -> None:
+        super().__init__(message)
+        self.run_dir = run_dir
+        self.task = task
+        self.update = update
+        self.checkpoint = checkpoint
+        self.position = position
+
+
+def resolved_config(config: SupervisedConfig, benchmark: Benchmark) -> dict[str, Any]:
+    """What the run saves as config.yaml and in its checkpoints: the config plus what the
+    benchmark and the method defaults made of it (JSON-able)."""
+    return to_builtin(config.to_dict() | {
+        "resolved_scenario": benchmark.scenario,
+        "resolved_tasks": len(benchmark.tasks),
+        "resolved_method_options": (
+            {} if config.method == JOINT else method_options_for(config, len(benchmark.tasks))
+        ),
+    })
+
+
+def data_fingerprint(benchmark: Benchmark) -> str:
+    """A hash of the benchmark's labels and a strided sample of its images: a resume on
+    other data (a moved or regenerated data folder) is refused, at a cost of milliseconds."""
+    h = hashlib.blake2b(digest_size=16)
+    for task in benchmark.tasks:
+        for t in (task.train_y, task.test_y, task.train_x[::97], task.test_x[::97]):
+            h.update(t.contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def holds_run(run_dir: str | Path) -> list[str]:
+    """The run files already in ``run_dir`` (empty if it holds no run)."""
+    return [m for m in RUN_MARKERS if (Path(run_dir) / m).exists()]
+
+
+def _build_model(config: SupervisedConfig, benchmark: Benchmark) -> MLPClassifier:
+    torch.manual_seed(config.seed)
+    return MLPClassifier(
+        in_features=benchmark.tasks[0].train_x[0].numel(),
+        hidden=config.hidden,
+        n_heads=benchmark.n_heads,
+        head_outputs=benchmark.head_outputs,
+        activation=config.activation,
+    )
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int | None) -> Iterator[None]:
+    """Pin torch's intra-op threads for the run (CPU results depend on the count)."""
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def run_experiment(
     config: SupervisedConfig,
     *,
@@ -138,31 +270,117 @@ def run_experiment(
     benchmark: Benchmark | None = None,
     run_dir: Path | None = None,
 ) -> ExperimentResult:
-    """Run one method on one benchmark with one seed, tracked locally and in W&B."""
+    """Run one method on one benchmark with one seed, tracked locally and in W&B.
+
+    ``run_dir``: the exact run directory (default: a new one under ``config.run_dir``); it
+    must not hold a run already (resume one with :func:`resume_experiment`).
+    """
     if benchmark is None:
         benchmark = build_benchmark(config, data)
-    torch.manual_seed(config.seed)
-    model = MLPClassifier(
-        in_features=benchmark.tasks[0].train_x[0].numel(),
-        hidden=config.hidden,
-        n_heads=benchmark.n_heads,
-        head_outputs=benchmark.head_outputs,
-        activation=config.activation,
-    )
     group = config.group or f"{benchmark.name}-{benchmark.scenario}"
     name = f"{config.method}-seed{config.seed}"
     if run_dir is None:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         run_dir = Path(config.run_dir) / group / f"{name}-{stamp}-{os.getpid()}"
-    resolved = config.to_dict() | {
-        "resolved_scenario": benchmark.scenario,
-        "resolved_tasks": len(benchmark.tasks),
-        "resolved_method_options": (
-            {} if config.method == JOINT else method_options_for(config, len(benchmark.tasks))
-        ),
-    }
+    existing = holds_run(run_dir)
+    if existing:
+        raise FileExistsError(
+            f"{run_dir} already holds a run ({', '.join(existing)}); continue it with "
+            f"`crl supervised --resume {run_dir}` or choose another directory"
+        )
+    return _execute(config, benchmark, Path(run_dir), resolved_config(config, benchmark))
+
+
+def load_run_config(run_dir: str | Path) -> dict[str, Any]:
+    """A run directory's config.yaml; a missing or unreadable one is a clear error."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{run_dir} is not a crl run directory (no config.yaml); give the folder that "
+            "`crl supervised` printed (the one holding config.yaml and checkpoints/)"
+        )
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path} is not valid YAML ({exc}); restore it from the run") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} does not hold a mapping of config keys")
+    return data
+
+
+def resume_experiment(
+    run_dir: str | Path,
+    config: SupervisedConfig | None = None,
+    *,
+    data: MNIST | None = None,
+    benchmark: Benchmark | None = None,
+) -> ExperimentResult:
+    """Continue an interrupted run from ``run_dir/checkpoints/last.pt`` and finish it.
+
+    ``config``: the run's config as the caller rebuilt it (config.yaml plus any options
+    given now); default: config.yaml as is. It must equal the checkpoint's config except for
+    :data:`RESUME_MAY_CHANGE`, else a :class:`CheckpointError` lists every differing key.
+    Raises :class:`RunFinished` if the run already has results. Nothing in ``run_dir`` is
+    written before the checkpoint, the config, the data and the metrics file all check out.
+    """
+    run_dir = Path(run_dir)
+    saved = load_run_config(run_dir)
+    results = run_dir / "results.json"
+    if results.is_file():
+        try:
+            summary = json.loads(results.read_text())
+        except ValueError:
+            summary = {}
+        raise RunFinished(run_dir, summary)
+    state = load_checkpoint(checkpoint_path(run_dir))
+    if config is None:
+        config = SupervisedConfig.from_dict(saved)
+    if benchmark is None:
+        benchmark = build_benchmark(config, data)
+    resolved = resolved_config(config, benchmark)
+    for key in ("config", "rows", "data", "trainer"):
+        if key not in state:
+            raise CheckpointError(f"{checkpoint_path(run_dir)} lacks {key!r}: it is not a "
+                                  "checkpoint of a supervised run")
+    check_compatible(state["config"], resolved, what="configuration",
+                     ignore=RESUME_MAY_CHANGE)
+    if state["data"] != data_fingerprint(benchmark):
+        raise CheckpointError(
+            f"the data differ from the data the run was trained on (fingerprint "
+            f"{state['data']} in the checkpoint, {data_fingerprint(benchmark)} now); point "
+            "--data-dir (or $CRL_DATA_DIR) at the run's own MNIST files"
+        )
+    metrics_file = run_dir / "metrics.jsonl"
+    rows = sum(1 for _ in metrics_file.open("rb")) if metrics_file.is_file() else 0
+    if rows < int(state["rows"]):
+        raise CheckpointError(
+            f"{metrics_file} has {rows} rows but the checkpoint saw {state['rows']}: the "
+            "metrics file was edited or replaced; restore it, or start the run again"
+        )
+    # validated: from here on the run directory may change
+    (run_dir / "failed.json").unlink(missing_ok=True)
+    for stale in checkpoint_path(run_dir).parent.glob(".*.tmp"):  # a write cut by a kill
+        stale.unlink(missing_ok=True)
+    return _execute(config, benchmark, run_dir, resolved, resume=state)
+
+
+def _execute(
+    config: SupervisedConfig,
+    benchmark: Benchmark,
+    run_dir: Path,
+    resolved: dict[str, Any],
+    *,
+    resume: Mapping[str, Any] | None = None,
+) -> ExperimentResult:
+    """Train (or continue) the run in ``run_dir``, checkpointing, and write its results."""
+    group = config.group or f"{benchmark.name}-{benchmark.scenario}"
+    name = f"{config.method}-seed{config.seed}"
     task_names = [t.name for t in benchmark.tasks]
-    with RunTracker(
+    fingerprint = data_fingerprint(benchmark)
+    ckpt_file = checkpoint_path(run_dir)
+    last: dict[str, Any] = {"position": None if resume is None else resume["trainer"][
+        "position"], "updates": None if resume is None else resume["trainer"]["updates"]}
+    with _torch_threads(config.trainer.torch_threads), RunTracker(
         run_dir,
         resolved,
         wandb_mode=config.wandb,
@@ -170,7 +388,9 @@ def run_experiment(
         group=group,
         name=name,
         job_type="supervised",
+        resume_rows=None if resume is None else int(resume["rows"]),
     ) as tracker:
+        model = _build_model(config, benchmark)
 
         def on_task_end(i: int, accs: np.ndarray, updates: int) -> None:
             row: dict[str, Any] = {
@@ -183,23 +403,32 @@ def run_experiment(
         def on_update(updates: int, row: dict[str, float]) -> None:
             tracker.log(row, step=updates)
 
-        if config.method == JOINT:
-            result = run_joint(
-                benchmark, model, config.trainer, seed=config.seed, on_update=on_update
-            )
-        else:
-            strategy = make_strategy(
-                config.method, **method_options_for(config, len(benchmark.tasks))
-            )
-            result = run_sequence(
-                benchmark,
-                model,
-                strategy,
-                config.trainer,
-                seed=config.seed,
-                on_task_end=on_task_end,
-                on_update=on_update,
-            )
+        def on_checkpoint(trainer_state: dict[str, Any]) -> None:
+            save_checkpoint(ckpt_file, {"trainer": trainer_state, "rows": tracker.rows,
+                                        "config": resolved, "data": fingerprint})
+            last.update(position=trainer_state["position"], updates=trainer_state["updates"])
+
+        trainer_resume = None if resume is None else resume["trainer"]
+        try:
+            if config.method == JOINT:
+                result = run_joint(
+                    benchmark, model, config.trainer, seed=config.seed, on_update=on_update,
+                    on_checkpoint=on_checkpoint, resume=trainer_resume,
+                )
+            else:
+                strategy = make_strategy(
+                    config.method, **method_options_for(config, len(benchmark.tasks))
+                )
+                result = run_sequence(
+                    benchmark, model, strategy, config.trainer, seed=config.seed,
+                    on_task_end=on_task_end, on_update=on_update,
+                    on_checkpoint=on_checkpoint, resume=trainer_resume,
+                )
+        except BaseException as exc:
+            failure = _record_failure(run_dir, exc, ckpt_file, last, config.method)
+            if failure is None:
+                raise
+            raise failure from exc
         summary = summarize(result)
         if result.matrix.shape[0] > 1:
             tracker.log_matrix("accuracy_matrix", result.matrix, task_names, task_names)
@@ -209,3 +438,50 @@ def run_experiment(
             tracker.log_image("average_and_forgetting", curves)
         tracker.finish(summary)
     return ExperimentResult(config, result, summary, Path(run_dir))
+
+
+def _record_failure(run_dir: Path, exc: BaseException, ckpt_file: Path,
+                    last: dict[str, Any], method: str) -> RunFailed | None:
+    """Write failed.json; for a nan/inf, return the :class:`RunFailed` to raise instead."""
+    task = getattr(exc, "task", None) if isinstance(exc, NonFiniteError) else None
+    update = getattr(exc, "update", None) if isinstance(exc, NonFiniteError) else None
+    has_ckpt = ckpt_file.is_file() and last["position"] is not None
+    record = {
+        "error": type(exc).__name__,
+        "message": str(exc),
+        "task": task,
+        "update": update,
+        "last_checkpoint": str(ckpt_file) if has_ckpt else None,
+        "checkpoint_position": last["position"] if has_ckpt else None,
+        "checkpoint_updates": last["updates"] if has_ckpt else None,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    atomic_write_text(run_dir / "failed.json", json.dumps(to_builtin(record), indent=1))
+    if not isinstance(exc, NonFiniteError):
+        return None
+    where = "no checkpoint was written before it" if not has_ckpt else (
+        f"the last good checkpoint is {ckpt_file} (after update {last['updates']}, "
+        f"{_describe(last['position'])})")
+    return RunFailed(
+        f"training diverged: {exc}. The run stopped and {where}; the failure is recorded in "
+        f"{run_dir / 'failed.json'}. Fix: start a new run with a lower "
+        f"{_strength_flags(method)}; `crl supervised --resume {run_dir}` would continue "
+        "from that checkpoint with the same settings, which diverge again",
+        run_dir=run_dir, task=task, update=update,
+        checkpoint=ckpt_file if has_ckpt else None,
+        position=last["position"] if has_ckpt else None,
+    )
+
+
+def _describe(position: Mapping[str, Any]) -> str:
+    if position["started"]:
+        return (f"task {position['task']}, epoch {position['epoch']}, batch "
+                f"{position['batch']}")
+    return f"before task {position['task']}"
+
+
+def _strength_flags(method: str) -> str:
+    """The options that tame a divergence: the learning rate and the method's strength."""
+    if method in ("l2", "ewc", "mas", "replay"):
+        return f"--lr or --{method}-lam"
+    return "--lr"

@@ -3,13 +3,24 @@
 The trainer is the supervised *host*: it adapts a classifier to :class:`crl.strategies.Host`
 and calls the hooks in DESIGN.md's order. After every task it evaluates every task, which
 fills the accuracy matrix R[i][j] (after task i, on task j) that the metrics read.
+
+Checkpoints: the trainer hands a payload of plain tensors and numbers (model, optimiser,
+strategy state, shuffling generator, global RNGs, accuracy rows, position) to a callback at
+every task boundary and every ``checkpoint_every`` updates, and continues exactly from such a
+payload. Exactness needs the same torch build and the same number of torch threads (CPU
+kernels reduce in an order that depends on it; :mod:`crl.supervised.experiment` pins it with
+``torch_threads``); under those, a resumed run is bit-identical to an uninterrupted one.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import time
-from collections.abc import Callable, Iterator
+import warnings
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from crl.checkpoint import CheckpointError, rng_state, set_rng_state
 from crl.strategies import Batch, Strategy
 from crl.supervised.benchmarks import Benchmark, Task, iterate_batches
 
@@ -24,6 +36,8 @@ from crl.supervised.benchmarks import Benchmark, Task, iterate_batches
 TaskEndCallback = Callable[[int, np.ndarray, int], None]
 #: Called every ``log_every`` updates with (update count, metrics).
 UpdateCallback = Callable[[int, dict[str, float]], None]
+#: Called with the trainer's checkpoint payload; must serialise it before returning.
+CheckpointCallback = Callable[[dict[str, Any]], None]
 
 
 @dataclass
@@ -40,11 +54,23 @@ class TrainerConfig:
     eval_batch_size: int = 1024
     log_every: int = 50
     progress: bool = True
+    #: Checkpoint every N updates as well as at every task boundary (0: boundaries only).
+    #: 500 keeps the overhead small (scripts/bench_checkpoint_supervised.py measures it).
+    checkpoint_every: int = 500
+    #: torch intra-op threads for the run (None: leave torch's setting). Part of the config
+    #: because CPU results depend on it in the last bits; pin it for exact resumes.
+    torch_threads: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "importance_batch_size", "eval_batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if isinstance(self.checkpoint_every, bool) or int(self.checkpoint_every) < 0:
+            raise ValueError(f"checkpoint_every must be an integer >= 0 (0: only at task "
+                             f"boundaries), got {self.checkpoint_every!r}")
+        if self.torch_threads is not None and int(self.torch_threads) < 1:
+            raise ValueError(f"torch_threads must be >= 1 or None (torch's default), got "
+                             f"{self.torch_threads!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.optimizer not in ("adam", "sgd"):
@@ -129,12 +155,35 @@ def evaluate_all(
     return accs
 
 
+class NonFiniteError(FloatingPointError):
+    """The loss or the weights became nan/inf; ``task`` (-1: joint) and ``update`` say where.
+
+    Raised before the optimiser step of the bad update and before any checkpoint of
+    non-finite weights is written, so the last checkpoint on disk is a good one.
+    """
+
+    def __init__(self, message: str, task: int, update: int) -> None:
+        super().__init__(message)
+        self.task = task
+        self.update = update
+
+
 def _check_finite(loss: torch.Tensor, task: int, update: int) -> None:
     if not torch.isfinite(loss):
-        raise FloatingPointError(
+        raise NonFiniteError(
             f"loss became {loss.item()} at task {task}, update {update}; lower the learning "
-            "rate or the regularisation strength (lam)"
+            "rate or the regularisation strength (lam)", task, update,
         )
+
+
+def _check_weights_finite(model: nn.Module, task: int, update: int) -> None:
+    """Refuse to checkpoint nan/inf weights (a finite loss can still step into them)."""
+    for name, p in model.named_parameters():
+        if not bool(torch.isfinite(p).all()):
+            raise NonFiniteError(
+                f"parameter {name} became non-finite after update {update} of task {task}; "
+                "lower the learning rate or the regularisation strength (lam)", task, update,
+            )
 
 
 def _train_step(
@@ -157,6 +206,147 @@ def _train_step(
     return row
 
 
+# -- checkpoints ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Position:
+    """Where training stands: the next batch to train is batch ``batch`` of epoch ``epoch``
+    of task ``task``. ``started``: the task's ``on_task_start`` ran (and its optimiser reset),
+    so a resume goes on inside the task instead of starting it. ``task`` equal to the number
+    of tasks means every task is done (joint training: task 0 is the one joint "task")."""
+
+    task: int = 0
+    epoch: int = 0
+    batch: int = 0
+    started: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, state: Mapping[str, Any]) -> Position:
+        return cls(int(state["task"]), int(state["epoch"]), int(state["batch"]),
+                   bool(state["started"]))
+
+
+class _Run:
+    """The mutable state of one training run that a checkpoint captures and restores.
+
+    Mid-epoch resume is exact because the shuffling generator's state is kept from the start
+    of the current epoch (before its permutation is drawn): a resumed run draws the same
+    permutation and skips the batches already trained. Nothing else draws from that
+    generator during an epoch (importance batches are drawn in ``on_task_end``).
+    """
+
+    def __init__(self, kind: str, model: nn.Module, strategy: Strategy | None,
+                 generator: torch.Generator, n_rows: int, n_tasks: int) -> None:
+        self.kind = kind
+        self.model = model
+        self.strategy = strategy
+        self.generator = generator
+        self.initial = np.zeros(n_tasks)
+        self.matrix = np.zeros((n_rows, n_tasks))
+        self.rows_done = 0
+        self.seconds: list[float] = []
+        self.updates = 0
+        self.position = Position()
+        self.epoch_generator: torch.Tensor | None = None
+        self.task_start = time.perf_counter()
+
+    def payload(self, optimizer: torch.optim.Optimizer, position: Position) -> dict[str, Any]:
+        """The trainer's part of a checkpoint: plain tensors and numbers only.
+
+        Tensors of the model and strategy are the live ones, so the callback must serialise
+        before returning (``save_checkpoint`` does).
+        """
+        task = position.task if position.started else position.task - 1
+        _check_weights_finite(self.model, task, self.updates)
+        return {
+            "kind": self.kind,
+            "method": None if self.strategy is None else self.strategy.name,
+            "model": self.model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "strategy": None if self.strategy is None else self.strategy.state_dict(),
+            "generator": self.generator.get_state(),
+            "epoch_generator": self.epoch_generator if position.started else None,
+            "rng": rng_state(),
+            "torch_threads": torch.get_num_threads(),
+            "initial": torch.from_numpy(self.initial.copy()),
+            "matrix": torch.from_numpy(self.matrix[: self.rows_done].copy()),
+            "seconds_per_task": list(self.seconds),
+            "task_seconds": time.perf_counter() - self.task_start if position.started else 0.0,
+            "updates": self.updates,
+            "position": position.as_dict(),
+        }
+
+    def restore(self, state: Mapping[str, Any], optimizer: torch.optim.Optimizer,
+                n_batches: Callable[[int], int], epochs: int) -> None:
+        """Load a checkpoint written by :meth:`payload` (the model and strategy must be built
+        as for the run that wrote it); a checkpoint of another kind of run is an error."""
+        if state.get("kind") != self.kind:
+            raise CheckpointError(f"the checkpoint is of a {state.get('kind')!r} run, not a "
+                                  f"{self.kind!r} run; resume it with the method it was run with")
+        name = None if self.strategy is None else self.strategy.name
+        if state.get("method") != name:
+            raise CheckpointError(f"the checkpoint was written by method {state.get('method')!r}"
+                                  f" but this run uses {name!r}")
+        matrix = state["matrix"].numpy()
+        if matrix.shape[1:] != self.matrix.shape[1:] or matrix.shape[0] > self.matrix.shape[0]:
+            raise CheckpointError(
+                f"the checkpoint's accuracy matrix has shape {tuple(matrix.shape)}, which does "
+                f"not fit a run of {self.matrix.shape[1]} tasks; the benchmark differs")
+        pos = Position.from_dict(state["position"])
+        n_tasks = self.matrix.shape[0]
+        if not 0 <= pos.task <= n_tasks or (pos.started and not (
+                pos.task < n_tasks and 0 <= pos.epoch < epochs
+                and 0 <= pos.batch <= n_batches(pos.task))):
+            raise CheckpointError(f"the checkpoint's position {pos} lies outside this run "
+                                  f"({n_tasks} tasks, {epochs} epochs); the settings differ")
+        if pos.started and state["epoch_generator"] is None:
+            raise CheckpointError("the checkpoint is inside a task but lacks the epoch's "
+                                  "generator state; it was not written by this trainer")
+        try:
+            self.model.load_state_dict(state["model"])
+            if self.strategy is not None:
+                self.strategy.load_state_dict(state["strategy"])
+            optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise CheckpointError(f"the checkpoint does not fit this model/method: {exc}") from exc
+        if int(state.get("torch_threads", 0)) != torch.get_num_threads():
+            warnings.warn(
+                f"the run was checkpointed with {state.get('torch_threads')} torch threads and "
+                f"resumes with {torch.get_num_threads()}; results can differ from an "
+                "uninterrupted run in the last bits (pin --torch-threads for exact resumes)",
+                RuntimeWarning, stacklevel=3,
+            )
+        self.generator.set_state(state["generator"])
+        self.epoch_generator = state["epoch_generator"]
+        self.initial = state["initial"].numpy().copy()
+        self.rows_done = matrix.shape[0]
+        self.matrix[: self.rows_done] = matrix
+        self.seconds = [float(s) for s in state["seconds_per_task"]]
+        self.updates = int(state["updates"])
+        self.position = pos
+        self.task_start = time.perf_counter() - float(state["task_seconds"])
+        set_rng_state(state["rng"])  # last: nothing above may draw from the global RNGs
+
+    def epoch_batches(self, batches: Callable[[], Iterator[Batch]], epoch: int,
+                      resumed: Position | None) -> Iterator[tuple[int, Batch]]:
+        """(index, batch) of one epoch, skipping what a resumed checkpoint already trained."""
+        skip = 0
+        if resumed is not None and resumed.epoch == epoch:
+            assert self.epoch_generator is not None
+            self.generator.set_state(self.epoch_generator)
+            skip = resumed.batch
+        else:
+            self.epoch_generator = self.generator.get_state()
+        # the permutation is drawn here, whole, so skipped batches cost only their indexing
+        return itertools.islice(enumerate(batches()), skip, None)
+
+
+def _n_batches(n: int, batch_size: int) -> int:
+    return -(-n // batch_size)
+
+
 def run_sequence(
     benchmark: Benchmark,
     model: nn.Module,
@@ -166,45 +356,74 @@ def run_sequence(
     seed: int = 0,
     on_task_end: TaskEndCallback | None = None,
     on_update: UpdateCallback | None = None,
+    on_checkpoint: CheckpointCallback | None = None,
+    resume: Mapping[str, Any] | None = None,
 ) -> SupervisedResult:
-    """Train the tasks in order with ``strategy``; evaluate every task after each one."""
+    """Train the tasks in order with ``strategy``; evaluate every task after each one.
+
+    ``on_checkpoint`` gets the trainer's checkpoint payload after every task (once its
+    evaluation was reported to ``on_task_end``) and every ``config.checkpoint_every``
+    updates; ``resume`` is such a payload (loaded back): training continues exactly where
+    it was, as if never interrupted (same batches, same strategy state, same RNG draws).
+    """
     generator = torch.Generator().manual_seed(seed)
     host = ClassifierHost(model, config, generator)
     strategy.bind(host)
     n_tasks = len(benchmark.tasks)
-    initial = evaluate_all(model, benchmark, None, config.eval_batch_size)
-    matrix = np.zeros((n_tasks, n_tasks))
-    seconds: list[float] = []
+    run = _Run("sequence", model, strategy, generator, n_tasks, n_tasks)
     optimizer = make_optimizer(host.trained_parameters(), config)
-    updates = 0
-    for i, task in enumerate(benchmark.tasks):
-        start = time.perf_counter()
+
+    def n_batches(i: int) -> int:
+        return _n_batches(benchmark.tasks[i].train_x.shape[0], config.batch_size)
+
+    resumed: Position | None = None
+    if resume is None:
+        run.initial = evaluate_all(model, benchmark, None, config.eval_batch_size)
+    else:
+        run.restore(resume, optimizer, n_batches, config.epochs)
+        resumed = run.position if run.position.started else None
+    every = config.checkpoint_every
+    for i in range(run.position.task, n_tasks):
+        task = benchmark.tasks[i]
         host.task = task
-        if config.reset_optimizer and i > 0:
-            optimizer = make_optimizer(host.trained_parameters(), config)
-        strategy.on_task_start(i)
+        if resumed is None:
+            run.task_start = time.perf_counter()
+            if config.reset_optimizer and i > 0:
+                optimizer = make_optimizer(host.trained_parameters(), config)
+            strategy.on_task_start(i)
         model.train()
-        n_batches = -(-task.train_x.shape[0] // config.batch_size) * config.epochs
+        first_epoch = 0 if resumed is None else resumed.epoch
         bar = tqdm(
-            total=n_batches,
+            total=n_batches(i) * config.epochs,
+            initial=0 if resumed is None else n_batches(i) * resumed.epoch + resumed.batch,
             desc=f"{strategy.name} task {i + 1}/{n_tasks}",
             disable=not config.progress,
             leave=False,
         )
-        for _ in range(config.epochs):
-            for batch in task.batches(config.batch_size, generator=generator):
-                row = _train_step(host, strategy, optimizer, batch, i, updates)
-                updates += 1
+        for epoch in range(first_epoch, config.epochs):
+            batches = run.epoch_batches(
+                lambda task=task: task.batches(config.batch_size, generator=generator),
+                epoch, resumed)
+            for b, batch in batches:
+                row = _train_step(host, strategy, optimizer, batch, i, run.updates)
+                run.updates += 1
                 bar.update()
-                if on_update is not None and updates % config.log_every == 0:
-                    on_update(updates, row)
+                if on_update is not None and run.updates % config.log_every == 0:
+                    on_update(run.updates, row)
+                if on_checkpoint is not None and every and run.updates % every == 0:
+                    on_checkpoint(run.payload(optimizer, Position(i, epoch, b + 1, True)))
+            resumed = None
         bar.close()
+        resumed = None
         strategy.on_task_end(i)
-        seconds.append(time.perf_counter() - start)
-        matrix[i] = evaluate_all(model, benchmark, strategy, config.eval_batch_size)
+        run.seconds.append(time.perf_counter() - run.task_start)
+        run.matrix[i] = evaluate_all(model, benchmark, strategy, config.eval_batch_size)
+        run.rows_done = i + 1
         if on_task_end is not None:
-            on_task_end(i, matrix[i], updates)
-    return SupervisedResult(strategy.name, matrix, initial, seconds, updates)
+            on_task_end(i, run.matrix[i], run.updates)
+        if on_checkpoint is not None:
+            on_checkpoint(run.payload(optimizer, Position(i + 1)))
+    return SupervisedResult(strategy.name, run.matrix, run.initial, run.seconds, run.updates)
 
 
 def run_joint(
@@ -214,10 +433,14 @@ def run_joint(
     *,
     seed: int = 0,
     on_update: UpdateCallback | None = None,
+    on_checkpoint: CheckpointCallback | None = None,
+    resume: Mapping[str, Any] | None = None,
 ) -> SupervisedResult:
-    """Multi-task upper bound: all tasks' data shuffled together, same number of epochs."""
+    """Multi-task upper bound: all tasks' data shuffled together, same number of epochs.
+
+    Checkpoints and resume work as in :func:`run_sequence`, with the joint data as one task.
+    """
     generator = torch.Generator().manual_seed(seed)
-    initial = evaluate_all(model, benchmark, None, config.eval_batch_size)
     x = torch.cat([t.train_x for t in benchmark.tasks])
     y = torch.cat([t.train_y for t in benchmark.tasks])
     task_ids = torch.cat(
@@ -225,16 +448,36 @@ def run_joint(
     )
     host = ClassifierHost(model, config, generator)
     no_method = Strategy().bind(host)  # the base strategy's hooks are all no-ops
+    run = _Run("joint", model, None, generator, 1, len(benchmark.tasks))
     optimizer = make_optimizer(host.trained_parameters(), config)
-    start = time.perf_counter()
-    updates = 0
-    model.train()
-    for _ in tqdm(range(config.epochs), desc="joint", disable=not config.progress, leave=False):
-        for batch in iterate_batches(x, y, task_ids, config.batch_size, generator=generator):
-            row = _train_step(host, no_method, optimizer, batch, -1, updates)
-            updates += 1
-            if on_update is not None and updates % config.log_every == 0:
-                on_update(updates, row)
-    final = evaluate_all(model, benchmark, None, config.eval_batch_size)
-    elapsed = time.perf_counter() - start
-    return SupervisedResult("joint", final[None, :], initial, [elapsed], updates)
+    per_epoch = _n_batches(x.shape[0], config.batch_size)
+    resumed: Position | None = None
+    if resume is None:
+        run.initial = evaluate_all(model, benchmark, None, config.eval_batch_size)
+        run.task_start = time.perf_counter()
+    else:
+        run.restore(resume, optimizer, lambda _: per_epoch, config.epochs)
+        resumed = run.position if run.position.started else None
+    every = config.checkpoint_every
+    if run.position.task == 0:
+        model.train()
+        first_epoch = 0 if resumed is None else resumed.epoch
+        for epoch in tqdm(range(first_epoch, config.epochs), desc="joint",
+                          disable=not config.progress, leave=False):
+            batches = run.epoch_batches(
+                lambda: iterate_batches(x, y, task_ids, config.batch_size, generator=generator),
+                epoch, resumed)
+            for b, batch in batches:
+                row = _train_step(host, no_method, optimizer, batch, -1, run.updates)
+                run.updates += 1
+                if on_update is not None and run.updates % config.log_every == 0:
+                    on_update(run.updates, row)
+                if on_checkpoint is not None and every and run.updates % every == 0:
+                    on_checkpoint(run.payload(optimizer, Position(0, epoch, b + 1, True)))
+            resumed = None
+        run.matrix[0] = evaluate_all(model, benchmark, None, config.eval_batch_size)
+        run.seconds.append(time.perf_counter() - run.task_start)
+        run.rows_done = 1
+        if on_checkpoint is not None:
+            on_checkpoint(run.payload(optimizer, Position(1)))
+    return SupervisedResult("joint", run.matrix, run.initial, run.seconds, run.updates)
