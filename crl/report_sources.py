@@ -303,18 +303,25 @@ def load_wandb_group_online(group: str, *, project: str | None = None,
         if state != "finished":
             skipped.append(SkippedRun(src, f"W&B run state is {state!r}, not finished"))
             continue
-        config = _plain(dict(r.config))
+        # config and summary load lazily over the network too: bound the whole read
+        config, summary, rows = _bounded(lambda r=r: _read_api_run(r), timeout_s,
+                                         f"reading run {rid}")
         kind = run_kind(config)
         if kind is None:
             skipped.append(SkippedRun(src, "its W&B config names neither a sequence + agent "
                                       "nor a benchmark: not a crl run"))
             continue
-        summary = _plain({k: r.summary[k] for k in r.summary.keys()})
-        rows = _bounded(lambda r=r: list(_history_rows(r.scan_history())), timeout_s,
-                        f"reading the history of run {rid}")
         runs.append(RunData(src, kind, config, summary, name=str(getattr(r, "name", rid)),
                             wandb_group=group, _rows=rows))
     return runs, skipped
+
+
+def _read_api_run(r: Any) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
+    """Config, summary and evaluation rows of one W&B API run (network calls inside)."""
+    config = _plain(dict(r.config))
+    summary = _plain({k: r.summary[k] for k in r.summary.keys()})
+    rows = list(_history_rows(r.scan_history())) if run_kind(config) else []
+    return config, summary, rows
 
 
 # --------------------------------------------------------------------------------------------

@@ -445,6 +445,22 @@ def test_wandb_api_unreachable_is_a_clear_error(tmp_path: Path,
     with pytest.raises(ReportError, match=r"W&B API unreachable: no answer .* within 0.3 s"):
         report_wandb("G", tmp_path / "out", timeout_s=0.3)
     assert time.monotonic() - t0 < 5.0
+
+    class LazyRun(FakeRun):  # the real client loads config and summary over the network
+        @property
+        def config(self):
+            time.sleep(30.0)
+
+        @config.setter
+        def config(self, value):
+            pass
+
+    lazy = FakeApi([LazyRun("r1", {}, {}, [])])
+    lazy.runs = lambda path, filters=None: lazy._runs
+    monkeypatch.setattr(sources, "make_wandb_api", lambda timeout_s: lazy)
+    with pytest.raises(ReportError, match=r"no answer to reading run r1 within 0.3 s"):
+        report_wandb("G", tmp_path / "out", timeout_s=0.3)
+    assert time.monotonic() - t0 < 10.0
     monkeypatch.setattr(sources, "make_wandb_api", refuse)
     res = CliRunner().invoke(main, ["report", "--wandb-group", "G", "--wandb-online"])
     assert res.exit_code == 2 and "W&B API unreachable" in res.output
