@@ -42,6 +42,11 @@ def _save(fig: Figure, path: str | Path, dpi: int = 120) -> Path:
     return out
 
 
+#: the figure helpers under public names, for the other plot modules (crl.report_plots)
+new_figure = _new_figure
+save_png = _save
+
+
 def _labels(given: Sequence[str] | None, n: int, what: str) -> list[str]:
     if given is None:
         return [f"task {i}" for i in range(n)]

@@ -49,6 +49,7 @@ from crl.report_sources import (
     RLCurves,
     RunData,
     SkippedRun,
+    is_run_dir,
     load_run_dirs,
     load_wandb_group_online,
     rl_curves,
@@ -583,12 +584,10 @@ def make_plots(rows: Sequence[ReportRow], runs: Sequence[RunData], out_dir: Path
 def default_out_dir(paths: Sequence[str | Path]) -> Path:
     """``report/`` next to the runs: in the folder given (or the parent of a run directory
     given), in the common parent of several; ``./report`` when they share none."""
-    from crl.report_sources import _is_run_dir
-
     dirs = [Path(p).expanduser().resolve() for p in paths]
     if not dirs:
         return Path("report")
-    bases = [d.parent if _is_run_dir(d) else d for d in dirs]
+    bases = [d.parent if is_run_dir(d) else d for d in dirs]
     try:
         common = Path(os.path.commonpath([str(b) for b in bases]))
     except ValueError:

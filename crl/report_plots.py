@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from crl.plots import _new_figure, _save
+from crl.plots import new_figure, save_png
 
 
 @dataclass
@@ -64,7 +64,7 @@ def plot_task_curves_by_method(
     if not methods:
         raise ValueError("plot_task_curves_by_method needs at least one method's curves")
     n = len(methods)
-    fig = _new_figure(11.0, 2.6 * n + 0.8)
+    fig = new_figure(11.0, 2.6 * n + 0.8)
     axes = np.atleast_1d(fig.subplots(n, 1, sharex=True, sharey=True, squeeze=False)[:, 0])
     starts = [0, *stage_ends[:-1]]
     colors = [f"C{i % 10}" for i in range(len(task_names))]
@@ -88,7 +88,7 @@ def plot_task_curves_by_method(
     axes[-1].set_xlabel("step")
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_bands(
@@ -104,7 +104,7 @@ def plot_bands(
     """One line per method (mean over seeds) with its confidence band where it has one."""
     if not lines:
         raise ValueError("plot_bands needs at least one line")
-    fig = _new_figure(9.0, 4.5)
+    fig = new_figure(9.0, 4.5)
     ax = fig.add_subplot()
     for b in boundaries:
         ax.axvline(b, color="gray", ls=":", lw=1)
@@ -123,7 +123,7 @@ def plot_bands(
     ax.legend(fontsize=8)
     if title:
         ax.set_title(title)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_metric_bars(
@@ -136,7 +136,7 @@ def plot_metric_bars(
     if not panels:
         raise ValueError("plot_metric_bars needs at least one metric")
     n_methods = max(len(bars) for _, bars in panels)
-    fig = _new_figure(max(4.0, 1.0 + 0.9 * n_methods) * len(panels), 4.2)
+    fig = new_figure(max(4.0, 1.0 + 0.9 * n_methods) * len(panels), 4.2)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (metric, bars) in zip(axes, panels, strict=True):
         x = np.arange(len(bars))
@@ -160,7 +160,7 @@ def plot_metric_bars(
         ax.grid(axis="y", alpha=0.3)
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_matrices_side_by_side(
@@ -177,7 +177,7 @@ def plot_matrices_side_by_side(
     lo, hi = (0.0, 1.0) if finite.size == 0 or (finite.min() >= 0 and finite.max() <= 1) else (
         float(finite.min()), float(finite.max()))
     cell = max(3.2, 0.55 * T + 1.6)
-    fig = _new_figure(cell * len(matrices) + 1.2, cell + 0.8)
+    fig = new_figure(cell * len(matrices) + 1.2, cell + 0.8)
     axes = fig.subplots(1, len(matrices), squeeze=False)[0]
     im = None
     for ax, (label, M, n_seeds) in zip(axes, matrices, strict=True):
@@ -201,4 +201,4 @@ def plot_matrices_side_by_side(
     fig.colorbar(im, ax=list(axes), shrink=0.8)
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
+    return save_png(fig, path)

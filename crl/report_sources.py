@@ -102,7 +102,7 @@ def run_kind(config: Mapping[str, Any]) -> str | None:
 # --------------------------------------------------------------------------------------------
 # Local run directories
 # --------------------------------------------------------------------------------------------
-def _is_run_dir(path: Path) -> bool:
+def is_run_dir(path: Path) -> bool:
     # W&B's own files/ folder holds a config.yaml too, but never a metrics.jsonl
     return (path / "config.yaml").is_file() and (
         (path / "metrics.jsonl").is_file() or (path / "results.json").is_file()
@@ -126,12 +126,12 @@ def find_run_dirs(paths: Sequence[str | Path]) -> list[Path]:
         if not p.is_dir():
             raise ReportError(f"{p} is not a directory; pass a run directory (the folder with "
                               "config.yaml and results.json) or a folder above it")
-        if _is_run_dir(p):
+        if is_run_dir(p):
             found[p.resolve()] = None
             continue
         for root, dirs, _files in os.walk(p):
             here = Path(root)
-            if _is_run_dir(here):
+            if is_run_dir(here):
                 found[here.resolve()] = None
                 dirs[:] = []
                 continue
