@@ -22,8 +22,9 @@ Each task env is reset with its own seed from ``sequence.task_seeds`` the first 
 (and again after ``reset(seed=...)``), so a seed fixes every task's first observations.
 
 The step path does no space checks and no dict copies: one inner ``step``, two ``info``
-stores, one counter and one comparison (plus, with the one-hot, one copy of the observation
-into a preallocated ``[observation | one-hot]`` buffer and one copy out).
+stores, one counter, one comparison and one store of the action (for checkpoints) (plus,
+with the one-hot, one copy of the observation into a preallocated ``[observation | one-hot]``
+buffer and one copy out).
 """
 
 from __future__ import annotations
@@ -161,6 +162,7 @@ class ContinualEnv(gym.Env):
         self._t = 0
         self._switch_due = False
         self._sequence_done = False
+        self._last_action: Any = None  # for checkpoints: ALE does not save its sticky action
         self.switch_history: list[tuple[int, int, int]] = []
         self._enter_stage(0)
 
@@ -193,6 +195,43 @@ class ContinualEnv(gym.Env):
     def task_envs(self) -> tuple[gym.Env, ...]:
         """The per-task envs (padded where needed), in ``sequence.tasks`` order."""
         return tuple(self._envs)
+
+    # -- checkpoints (envs/snapshot.py captures the task envs themselves) --------------------
+    def position_state(self) -> dict[str, Any]:
+        """Where the env stands in its schedule, as plain data, for an exact resume."""
+        return {
+            "num_stages": len(self._schedule), "t": self._t, "stage": self._stage,
+            "stage_end": self._stage_end, "switch_due": self._switch_due,
+            "sequence_done": self._sequence_done, "needs_seed": list(self._needs_seed),
+            "task_seeds": [int(s) for s in self._task_seeds],
+            "switch_history": [list(e) for e in self.switch_history],
+            "episode_running": self._step != self._step_before_reset,
+            "last_action": self._last_action,
+            "np_random": None if self._np_random is None else self._np_random.bit_generator.state,
+        }
+
+    def load_position_state(self, state: dict[str, Any]) -> None:
+        """Put the env where :meth:`position_state` found it (same sequence, fresh env)."""
+        if int(state["num_stages"]) != len(self._schedule):
+            raise EnvConfigError(
+                f"the saved position has {state['num_stages']} stages, sequence "
+                f"{self.sequence.name!r} has {len(self._schedule)}: another schedule"
+            )
+        self._enter_stage(int(state["stage"]))
+        self._t = int(state["t"])
+        self._stage_end = state["stage_end"]
+        self._switch_due = bool(state["switch_due"])
+        self._sequence_done = bool(state["sequence_done"])
+        self._needs_seed = [bool(b) for b in state["needs_seed"]]
+        self._task_seeds = tuple(int(s) for s in state["task_seeds"])
+        self.switch_history = [tuple(int(x) for x in e) for e in state["switch_history"]]
+        if state["episode_running"]:
+            self._step = self._env.step
+        self._last_action = state["last_action"]
+        if state["np_random"] is not None:
+            self._np_random = np.random.Generator(
+                getattr(np.random, state["np_random"]["bit_generator"])())
+            self._np_random.bit_generator.state = state["np_random"]
 
     def _enter_stage(self, stage: int) -> None:
         self._stage = stage
@@ -250,6 +289,7 @@ class ContinualEnv(gym.Env):
             task_seed = self._task_seeds[task]
             self._needs_seed[task] = False
         obs, info = self._env.reset(seed=task_seed, options=options)
+        self._last_action = None
         self._step = self._env.step  # bound once: one attribute lookup less per step
         info["task_index"] = task
         info["task_name"] = self._task_name
@@ -260,6 +300,7 @@ class ContinualEnv(gym.Env):
 
     def step(self, action: Any):
         obs, reward, terminated, truncated, info = self._step(action)
+        self._last_action = action
         info["task_index"] = self._task
         info["task_name"] = self._task_name
         self._t = t = self._t + 1
