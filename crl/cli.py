@@ -296,9 +296,9 @@ def _supervised_resume(run_dir: str, run_path: str | None, params: dict[str, Any
             res = resume_experiment(run_dir, config)
     except RunFinished as done:
         avg = done.results.get("avg_acc")
-        console.print(f"{escape(run_dir)} already finished (results.json"
-                      + (f", average accuracy {avg:.4f}" if isinstance(avg, float) else "")
-                      + "); nothing to resume.")
+        click.echo(f"{run_dir} already finished (results.json"
+                   + (f", average accuracy {avg:.4f}" if isinstance(avg, float) else "")
+                   + "); nothing to resume.")
         return
     except CheckpointError as exc:
         raise click.ClickException(f"cannot resume {run_dir}: {exc}") from exc

@@ -168,11 +168,16 @@ class NonFiniteError(FloatingPointError):
         self.update = update
 
 
+def _where(task: int) -> str:
+    return "joint training" if task < 0 else f"task {task}"
+
+
 def _check_finite(loss: torch.Tensor, task: int, update: int) -> None:
+    """``update`` counts from 1 (the update being computed), as checkpoints count them."""
     if not torch.isfinite(loss):
         raise NonFiniteError(
-            f"loss became {loss.item()} at task {task}, update {update}; lower the learning "
-            "rate or the regularisation strength (lam)", task, update,
+            f"loss became {loss.item()} at {_where(task)}, update {update}; lower the "
+            "learning rate or the regularisation strength (lam)", task, update,
         )
 
 
@@ -181,7 +186,7 @@ def _check_weights_finite(model: nn.Module, task: int, update: int) -> None:
     for name, p in model.named_parameters():
         if not bool(torch.isfinite(p).all()):
             raise NonFiniteError(
-                f"parameter {name} became non-finite after update {update} of task {task}; "
+                f"parameter {name} became non-finite after update {update} of {_where(task)}; "
                 "lower the learning rate or the regularisation strength (lam)", task, update,
             )
 
@@ -259,7 +264,7 @@ class _Run:
         before returning (``save_checkpoint`` does).
         """
         task = position.task if position.started else position.task - 1
-        _check_weights_finite(self.model, task, self.updates)
+        _check_weights_finite(self.model, -1 if self.kind == "joint" else task, self.updates)
         return {
             "kind": self.kind,
             "method": None if self.strategy is None else self.strategy.name,
@@ -405,7 +410,7 @@ def run_sequence(
                 lambda task=task: task.batches(config.batch_size, generator=generator),
                 epoch, resumed)
             for b, batch in batches:
-                row = _train_step(host, strategy, optimizer, batch, i, run.updates)
+                row = _train_step(host, strategy, optimizer, batch, i, run.updates + 1)
                 run.updates += 1
                 bar.update()
                 if on_update is not None and run.updates % config.log_every == 0:
@@ -468,7 +473,7 @@ def run_joint(
                 lambda: iterate_batches(x, y, task_ids, config.batch_size, generator=generator),
                 epoch, resumed)
             for b, batch in batches:
-                row = _train_step(host, no_method, optimizer, batch, -1, run.updates)
+                row = _train_step(host, no_method, optimizer, batch, -1, run.updates + 1)
                 run.updates += 1
                 if on_update is not None and run.updates % config.log_every == 0:
                     on_update(run.updates, row)
