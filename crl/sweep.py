@@ -30,6 +30,7 @@ import json
 import math
 import os
 import re
+import resource
 import shlex
 import shutil
 import signal
@@ -236,6 +237,8 @@ def parse_sweep(data: Mapping[str, Any], *, source: Path | None = None,
     grid = {k: v for k, v in grid.items() if isinstance(v, list) and v}
 
     overrides = data.get("overrides", [{}])
+    if isinstance(overrides, list):
+        overrides = list(overrides)  # entries are normalised below; the caller's list is kept
     if not isinstance(overrides, list) or not overrides:
         problems.add("overrides", f"must be a non-empty list of option mappings ({{}} for "
                      f"none), got {overrides!r}")
@@ -269,6 +272,10 @@ def parse_sweep(data: Mapping[str, Any], *, source: Path | None = None,
     flat_grid: dict[str, list[Any]] = {}
     for key, values in grid.items():
         dest = _dest(key)
+        if dest in methods:
+            problems.add(f"grid.{key}", f"an axis is one option: write e.g. {dest}_lam: "
+                         "[1, 10] (option names: crl list methods)")
+            continue
         flat_values = []
         for i, v in enumerate(values):
             checked = _check_options(f"grid.{key}[{i}]", {key: v}, command, options, methods,
@@ -361,6 +368,9 @@ def _check_options(where: str, mapping: Mapping[str, Any], command: str,
             out[dest] = param.type.convert(value, param, None)
         except click.BadParameter as exc:
             problems.add(at, exc.format_message())
+            continue
+        if isinstance(param.type, click.Path):  # runs (and later resumes) start elsewhere
+            out[dest] = str(Path(out[dest]).expanduser().resolve())
     return out
 
 
@@ -472,6 +482,8 @@ class Attempt:
     stdout: str | None = None
     stderr: str | None = None
     error: str | None = None  # stderr tail, or why the attempt could not run
+    #: CPU time (user + sys) of the command and the children it waited for
+    cpu_seconds: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -519,6 +531,8 @@ def run_attempt(task: AttemptTask) -> Attempt:
         env |= {"OMP_NUM_THREADS": str(task.threads), "MKL_NUM_THREADS": str(task.threads)}
     out_path, err_path = logs / f"attempt-{index}.out", logs / f"attempt-{index}.err"
     cwd = task.cwd if Path(task.cwd).is_dir() else str(run_dir)
+    # a Ray worker runs one task at a time, so the children's rusage delta is this command's
+    cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.monotonic()
     with out_path.open("w") as out, err_path.open("w") as err:
         proc = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
@@ -534,6 +548,8 @@ def run_attempt(task: AttemptTask) -> Attempt:
         if timed_out:
             _stop(proc)
     seconds = time.monotonic() - start
+    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
     shown = ["crl", *args]
     error = None
     if timed_out:
@@ -544,7 +560,7 @@ def run_attempt(task: AttemptTask) -> Attempt:
         error = (f"exited with code 0 but wrote no {RESULTS} in {run_dir}\n"
                  f"{_tail(err_path)}").rstrip()
     return Attempt(task.attempt, rc, seconds, resume, shown, str(out_path), str(err_path),
-                   error)
+                   error, cpu)
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -587,6 +603,7 @@ class RunOutcome:
             "attempt_details": [
                 {"number": a.number, "returncode": a.returncode, "resumed": a.resumed,
                  "seconds": round(a.seconds, 3), "command": shlex.join(a.command),
+                 "cpu_seconds": None if a.cpu_seconds is None else round(a.cpu_seconds, 3),
                  "stdout": a.stdout, "stderr": a.stderr} for a in self.attempts],
         }
 
