@@ -79,8 +79,10 @@ class _Codec:
 
     # -- encode ------------------------------------------------------------------------------
     def encode(self, value: Any, where: str) -> Any:
-        if value is None or type(value) in (bool, int, float, str, bytes):
+        if value is None or type(value) in (bool, int, float, str):
             return value
+        if type(value) is bytes:  # b"" pickles as a call to bytes(), which weights_only refuses
+            return value if value else {"__t": "empty_bytes"}
         if isinstance(value, np.ndarray | np.random.Generator):
             ref = self.ids.get(id(value))
             if ref is None:
@@ -121,7 +123,7 @@ class _Codec:
             return {"__t": "object_array", "shape": list(value.shape),
                     "items": self.encode(value.ravel().tolist(), where)}
         return {"__t": "ndarray", "dtype": value.dtype.str, "shape": list(value.shape),
-                "data": np.ascontiguousarray(value).tobytes(),
+                "data": np.ascontiguousarray(value).tobytes() if value.size else None,
                 "writeable": bool(value.flags.writeable)}
 
     # -- decode ------------------------------------------------------------------------------
@@ -139,6 +141,8 @@ class _Codec:
                                         "a corrupt snapshot")
                 self._decoded[i] = self._decode_leaf(self.table[i])
             return self._decoded[i]
+        if tag == "empty_bytes":
+            return b""
         if tag == "npscalar":
             return np.frombuffer(value["data"], dtype=np.dtype(value["dtype"]))[0].copy()
         if tag == "dtype":
@@ -162,8 +166,11 @@ class _Codec:
     def _decode_leaf(self, leaf: dict[str, Any]) -> Any:
         tag = leaf.get("__t")
         if tag == "ndarray":
-            arr = np.frombuffer(leaf["data"], dtype=np.dtype(leaf["dtype"]))
-            arr = arr.reshape(leaf["shape"]).copy()
+            dtype = np.dtype(leaf["dtype"])
+            if leaf["data"] is None:
+                arr = np.zeros(leaf["shape"], dtype=dtype)
+            else:
+                arr = np.frombuffer(leaf["data"], dtype=dtype).reshape(leaf["shape"]).copy()
             arr.flags.writeable = bool(leaf["writeable"])
             return arr
         if tag == "object_array":
@@ -215,6 +222,32 @@ _FAMILY_NAMES = {
 }
 
 
+#: MjModel arrays that are assets (meshes, textures, collision trees, names): static, large.
+_MJ_ASSETS = ("mesh_", "tex_", "hfield_", "skin_", "flex", "bvh_", "oct_", "names", "paths",
+              "text_", "tuple_", "key_", "plugin", "mat_", "light_", "cam_")
+
+
+def _mj_model_arrays(model: Any) -> dict[str, np.ndarray]:
+    """The model's parameter arrays (body/site/geom poses, masses, equality data...):
+    envs change some while running (Meta-World moves goals and objects at every reset), so
+    they are state too. Assets are left out: they never change and are megabytes."""
+    out = {}
+    for name in dir(model):
+        if name.startswith(("_", *_MJ_ASSETS)):
+            continue
+        try:
+            value = getattr(model, name)
+        except Exception:  # noqa: BLE001,S112 - properties that cannot be read are not state
+            continue
+        if isinstance(value, np.ndarray):
+            out[name] = value
+    for name in dir(model.opt):
+        value = getattr(model.opt, name)
+        if not name.startswith("_") and isinstance(value, np.ndarray | int | float):
+            out[f"opt.{name}"] = value
+    return out
+
+
 def _capture_family(family: str, layer: Any) -> dict[str, Any]:
     if family == "mujoco":
         import mujoco
@@ -222,7 +255,10 @@ def _capture_family(family: str, layer: Any) -> dict[str, Any]:
         spec = mujoco.mjtState.mjSTATE_INTEGRATION
         state = np.empty(mujoco.mj_stateSize(layer.model, spec), dtype=np.float64)
         mujoco.mj_getState(layer.model, layer.data, state, spec)
-        return {"mj_state": state.tobytes(), "size": int(state.size)}
+        model = {k: np.array(v, copy=True) if isinstance(v, np.ndarray) else v
+                 for k, v in _mj_model_arrays(layer.model).items()}
+        return {"mj_state": state.tobytes(), "size": int(state.size),
+                "model": encode(model, "MjModel")}
     if family == "atari":
         return {"ale_state": bytes(layer.ale.cloneState(include_rng=True).serialize())}
     raise AssertionError(family)
@@ -237,6 +273,17 @@ def _restore_family(family: str, layer: Any, state: dict[str, Any]) -> None:
         if size != state["size"]:
             raise SnapshotError(f"the MuJoCo model has a state of {size} numbers, the snapshot "
                                 f"{state['size']}: another model")
+        here = _mj_model_arrays(layer.model)
+        for name, value in decode(state["model"]).items():
+            if name.startswith("opt."):
+                if isinstance(value, np.ndarray):
+                    here[name][...] = value
+                else:
+                    setattr(layer.model.opt, name[4:], value)
+            elif name not in here or here[name].shape != value.shape:
+                raise SnapshotError(f"MjModel.{name} differs in shape: another model")
+            else:
+                here[name][...] = value
         values = np.frombuffer(state["mj_state"], dtype=np.float64).copy()
         mujoco.mj_setState(layer.model, layer.data, values, spec)
         # positions, contacts and sensors of the restored state (an observation read before
