@@ -10,6 +10,17 @@ an interrupted run directory from it and finishes it exactly as an uninterrupted
 validated before anything in the run directory is written. A run that fails (nan/inf loss or
 any other exception) leaves ``failed.json`` beside its last good checkpoint and no
 ``results.json``.
+
+What an exact (bit-identical) resume needs, and what is checked:
+
+- the same configuration (checked: every key but :data:`RESUME_MAY_CHANGE`) and the same data
+  (checked: :func:`data_fingerprint`);
+- the same number of torch threads: CPU kernels split their reductions by thread count, and
+  torch's default count is the machine's core count. Pin it with ``trainer.torch_threads``
+  (``--torch-threads``), which is part of the config; a resume under another count warns;
+- the same torch build and CPU kind (a kernel may take another vector path on another CPU).
+  The supervised trainer runs on the CPU, where every op it uses is deterministic for a fixed
+  thread count, so ``torch.use_deterministic_algorithms`` is not needed (nor set).
 """
 
 from __future__ import annotations
@@ -269,11 +280,13 @@ def run_experiment(
     data: MNIST | None = None,
     benchmark: Benchmark | None = None,
     run_dir: Path | None = None,
+    checkpoints: bool = True,
 ) -> ExperimentResult:
     """Run one method on one benchmark with one seed, tracked locally and in W&B.
 
     ``run_dir``: the exact run directory (default: a new one under ``config.run_dir``); it
     must not hold a run already (resume one with :func:`resume_experiment`).
+    ``checkpoints=False`` writes none (a run that cannot be resumed; for measurements).
     """
     if benchmark is None:
         benchmark = build_benchmark(config, data)
@@ -288,7 +301,8 @@ def run_experiment(
             f"{run_dir} already holds a run ({', '.join(existing)}); continue it with "
             f"`crl supervised --resume {run_dir}` or choose another directory"
         )
-    return _execute(config, benchmark, Path(run_dir), resolved_config(config, benchmark))
+    return _execute(config, benchmark, Path(run_dir), resolved_config(config, benchmark),
+                    checkpoints=checkpoints)
 
 
 def load_run_config(run_dir: str | Path) -> dict[str, Any]:
@@ -371,6 +385,7 @@ def _execute(
     resolved: dict[str, Any],
     *,
     resume: Mapping[str, Any] | None = None,
+    checkpoints: bool = True,
 ) -> ExperimentResult:
     """Train (or continue) the run in ``run_dir``, checkpointing, and write its results."""
     group = config.group or f"{benchmark.name}-{benchmark.scenario}"
@@ -409,11 +424,12 @@ def _execute(
             last.update(position=trainer_state["position"], updates=trainer_state["updates"])
 
         trainer_resume = None if resume is None else resume["trainer"]
+        save = on_checkpoint if checkpoints else None
         try:
             if config.method == JOINT:
                 result = run_joint(
                     benchmark, model, config.trainer, seed=config.seed, on_update=on_update,
-                    on_checkpoint=on_checkpoint, resume=trainer_resume,
+                    on_checkpoint=save, resume=trainer_resume,
                 )
             else:
                 strategy = make_strategy(
@@ -422,7 +438,7 @@ def _execute(
                 result = run_sequence(
                     benchmark, model, strategy, config.trainer, seed=config.seed,
                     on_task_end=on_task_end, on_update=on_update,
-                    on_checkpoint=on_checkpoint, resume=trainer_resume,
+                    on_checkpoint=save, resume=trainer_resume,
                 )
         except BaseException as exc:
             failure = _record_failure(run_dir, exc, ckpt_file, last, config.method)
