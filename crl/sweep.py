@@ -903,9 +903,11 @@ def print_summary(result: SweepResult, console: Any) -> None:
     from rich.markup import escape
     from rich.table import Table
 
+    cancelled = result.count(CANCELLED)
     t = Table(title=f"sweep {result.config.name}: {result.count(FINISHED)} finished, "
-              f"{result.count(FAILED)} failed, {result.count(SKIPPED)} skipped "
-              f"({result.wall_seconds:.0f} s)")
+              f"{result.count(FAILED)} failed, {result.count(SKIPPED)} skipped"
+              + (f", {cancelled} cancelled" if cancelled else "")
+              + f" ({result.wall_seconds:.0f} s)")
     for col in ("run", "status", "attempts", "wall time", "run dir"):
         t.add_column(col, overflow="fold")
     colour = {FINISHED: "green", FAILED: "red", SKIPPED: "dim", CANCELLED: "yellow"}

@@ -279,3 +279,27 @@ def test_run_sweep_needs_nothing_when_all_runs_finished(tmp_path: Path, tiny_mni
     result = run_sweep(sweep, report=False)
     assert [o.status for o in result.outcomes] == ["skipped"] * 4
     assert json.loads(result.sweep_json.read_text())["counts"]["skipped"] == 4
+
+
+def test_attempt_moves_a_stale_run_aside_and_requires_results(tmp_path: Path) -> None:
+    """A fresh attempt in a folder an earlier attempt left without a checkpoint moves that
+    folder to the logs (no metrics row is appended to a dead run); a command that exits 0
+    without results.json is a failure. Runs `crl --version` in place of a real run."""
+    from crl.sweep import AttemptTask, run_attempt
+
+    run_dir, logs = tmp_path / "sweep" / "r1", tmp_path / "sweep" / "logs" / "r1"
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.jsonl").write_text('{"step": 1}\n')
+    task = AttemptTask("r1", str(run_dir), str(logs), {"method": "ewc", "ewc_lam": 100.0},
+                       ["--version"], ["--help"], str(tmp_path), 1, 60.0, 1)
+    attempt = run_attempt(task)
+    assert not attempt.resumed and attempt.command == ["crl", "--version"]
+    assert attempt.returncode == 0
+    assert attempt.error.startswith(f"exited with code 0 but wrote no results.json in {run_dir}")
+    assert (logs / "before-attempt-1" / "metrics.jsonl").read_text() == '{"step": 1}\n'
+    assert sorted(p.name for p in run_dir.iterdir()) == ["run.yaml"]
+    assert yaml.safe_load((run_dir / "run.yaml").read_text()) == {"method": "ewc",
+                                                                  "ewc_lam": 100.0}
+    assert "version 0.1.0" in Path(attempt.stdout).read_text()
+    assert attempt.stdout == str(logs / "attempt-1.out")
+    assert attempt.cpu_seconds > 0
