@@ -650,10 +650,22 @@ def check_sweep_run(command: str, flat: dict[str, Any]) -> None:
               help="Seconds to wait for Ray to start or connect.")
 def sweep_command(config_file: str, address: str | None, num_cpus: int | None,
                   max_concurrent: int | None, dry_run: bool, ray_timeout: float) -> None:
-    """Run a grid of `crl train` or `crl supervised` runs on Ray (see crl/sweep.py for the
-    YAML schema); failed runs are retried, then reported; finished runs are skipped when the
-    sweep runs again; ends with `crl report` on the finished runs. Exit code 1 when a run
-    failed."""
+    """Run a grid of `crl train` or `crl supervised` runs on Ray: each run is its own
+    process in out/NAME/RUN-ID, all in the W&B group NAME. Failed runs are retried (from
+    their checkpoint), then reported; runs with a results.json are skipped when the sweep
+    runs again; ends with `crl report` on the finished runs. Exit code 1 when a run failed.
+
+    \b
+    name: cartpole-methods     # W&B group, folder (default: the file's stem)
+    command: train             # train | supervised
+    base: {agent: ppo, sequence: CartPoleSwap}   # options of every run (as --config)
+    grid: {method: [finetune, ewc], seed: [0, 1, 2]}   # their product
+    overrides: [{}, {ewc_lam: 100}]   # optional: one run set per option set
+    retries: 1                 # attempts after the first failure
+    resources: {num_cpus: 1}   # per run (num_cpus, num_gpus, memory)
+    timeout: 3600              # optional: seconds per attempt
+    out: runs/sweeps
+    """
     from crl.sweep import SweepConfigError, SweepError, load_sweep, print_dry_run, run_sweep
 
     try:
