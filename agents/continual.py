@@ -15,6 +15,7 @@ under another fails at once instead of silently training with a drifted update.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -59,6 +60,26 @@ def reset_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
     while the param groups (and the learning rate SB3's schedule set) are kept.
     """
     optimizer.state.clear()
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A training loss became nan or inf: the update diverged. Names the losses, the task
+    and the env step; the runner adds the checkpoint to resume from."""
+
+    def __init__(self, losses: Mapping[str, float], task: int | None, step: int) -> None:
+        self.losses = dict(losses)
+        self.task = task
+        self.step = step
+        shown = ", ".join(f"{k} = {v}" for k, v in self.losses.items())
+        super().__init__(
+            f"non-finite training loss at env step {step} of task {task}: {shown}. The "
+            "update diverged; lower the learning rate (--learning-rate) or the method's "
+            "regularisation strength (lam: --ewc-lam, --l2-lam, --mas-lam...)"
+        )
+
+
+def _value(term: torch.Tensor | float) -> float:
+    return float(term.detach().sum()) if isinstance(term, torch.Tensor) else float(term)
 
 
 class ContinualAgent:
@@ -157,6 +178,19 @@ class ContinualAgent:
         with self.strategy.evaluation(task):
             yield
 
+    # -- divergence --------------------------------------------------------------------
+    def check_finite_losses(self, total: torch.Tensor | float,
+                            terms: Mapping[str, torch.Tensor | float | None]) -> None:
+        """Raise :class:`NonFiniteLossError` if ``total`` (the sum of the update's losses)
+        is not finite. One check (one device sync for a tensor) per update; ``terms`` are
+        only read to name the culprits when it fails."""
+        value = _value(total)
+        if math.isfinite(value):
+            return
+        named = {k: _value(v) for k, v in terms.items() if v is not None}
+        bad = {k: v for k, v in named.items() if not math.isfinite(v)} or {"total": value}
+        raise NonFiniteLossError(bad, self.current_task, int(getattr(self, "num_timesteps", 0)))
+
     # -- checkpoints ---------------------------------------------------------------------
     def _extra_continual_state(self) -> dict[str, Any]:
         return {}
@@ -237,6 +271,7 @@ def build_strategy(
 __all__ = [
     "SB3_REQUIREMENT",
     "ContinualAgent",
+    "NonFiniteLossError",
     "build_strategy",
     "check_num_tasks",
     "check_sb3_version",

@@ -324,6 +324,8 @@ class ContinualPPO(ContinualAgent, PPO):
                 if penalty is not None:
                     loss = loss + penalty
                     penalties.append(penalty.detach())
+                self.check_finite_losses(loss, {"policy": losses.policy, "value": losses.value,
+                                                "entropy": losses.entropy, "penalty": penalty})
 
                 # Approximate reverse KL for early stopping (SB3 issue #417, Schulman's blog).
                 with torch.no_grad():

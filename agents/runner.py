@@ -15,12 +15,22 @@ and forward transfer are measured per stage, as CW does for CW20.
 
 Everything is tracked by :class:`crl.tracking.RunTracker` (local run directory + W&B
 offline); SB3's own logger is routed there too (``train/...``, ``rollout/...`` keys).
+
+Checkpoints (``checkpoints/last.pt``, written atomically by :mod:`crl.checkpoint`) are taken
+after the evaluation at step 0, at every task boundary (after ``end_task`` and the end-of-task
+evaluation) and every ``checkpoint_every`` env steps at an update boundary: the start of a
+rollout, i.e. after the previous update (PPO's ``train()``, SAC's gradient steps). They hold
+the agent (:mod:`agents.checkpoint`: weights, optimisers, strategy, SB3 counters, replay
+buffer, training env), the global RNG states, the evaluations, the timings, the metrics row
+count and the position in the schedule, so :func:`resume` continues the run exactly where the
+checkpoint was taken, with the same numbers as an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
 import warnings
@@ -32,10 +42,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from gymnasium import spaces
-from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.callbacks import BaseCallback, CallbackList
 from stable_baselines3.common.logger import KVWriter, Logger
 from tqdm.auto import tqdm
 
+from agents.checkpoint import agent_state, load_agent_state
 from agents.evaluation import (
     BatchedEvaluator,
     EvalResult,
@@ -43,16 +54,33 @@ from agents.evaluation import (
     build_normalizer,
     json_ready,
 )
+from crl.checkpoint import (
+    CheckpointError,
+    check_compatible,
+    checkpoint_path,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from crl.metrics import EvalHistory, bootstrap_ci, summarize
 from crl.plots import plot_task_curves
 from crl.strategies import strategy_class
-from crl.tracking import RunTracker
+from crl.tracking import RunTracker, atomic_write_text, to_builtin
 
 if TYPE_CHECKING:
     from envs.sequence import TaskSequence
 
 AGENTS = ("sac", "ppo")
 ON_POLICY = {"ppo"}
+#: Default env steps between mid-task checkpoints (task boundaries always checkpoint). A
+#: kill costs at most this much work; the write costs (scripts/bench_checkpoint.py) ~15 ms
+#: for PPO on CartPoleSwap (0.1% of the README run) and ~5 s for a CW10-sized SAC with its
+#: 1M-transition replay buffer (836 MB), i.e. ~0.5% of the ~1000 s SAC needs for 100k steps.
+CHECKPOINT_EVERY = 100_000
+#: RunConfig fields a resume may change: they do not touch the numbers of the run.
+RESUME_MAY_CHANGE = ("progress", "checkpoint_every", "checkpoint_buffer", "run_dir",
+                     "run_path", "save_model")
 
 
 class ConfigError(ValueError):
@@ -105,6 +133,9 @@ class RunConfig:
     random_episodes: int = 10
     progress: bool = True
     save_model: bool = True
+    checkpoint_every: int = CHECKPOINT_EVERY
+    checkpoint_buffer: bool = True
+    run_path: str | None = None
 
     def __post_init__(self) -> None:
         self.agent = str(self.agent).strip().lower()
@@ -122,6 +153,12 @@ class RunConfig:
         ):
             raise ConfigError(
                 f"steps-per-task must be a positive integer, got {self.steps_per_task!r}"
+            )
+        if isinstance(self.checkpoint_every, bool) or not isinstance(
+                self.checkpoint_every, int) or self.checkpoint_every < 0:
+            raise ConfigError(
+                f"checkpoint-every must be an integer >= 0 (env steps between checkpoints; 0: "
+                f"task boundaries only), got {self.checkpoint_every!r}"
             )
         if self.wandb not in ("offline", "online", "disabled"):
             raise ConfigError(f"wandb mode must be offline, online or disabled, got {self.wandb!r}")
@@ -234,16 +271,27 @@ def make_agent(config: RunConfig, env: Any, sequence: TaskSequence, *, method: s
 # Logging glue
 # --------------------------------------------------------------------------------------------
 class TrackerWriter(KVWriter):
-    """SB3 logger output that forwards every dump to the RunTracker (and so to W&B)."""
+    """SB3 logger output that forwards every dump to the RunTracker (and so to W&B).
 
-    def __init__(self, tracker: RunTracker) -> None:
+    ``iteration_offset``: SB3 counts ``time/iterations`` within one ``learn()`` call (one per
+    task here); a run resumed in the middle of a task starts a new call, and the offset (the
+    task's rollouts before the checkpoint) keeps the logged count that of an uninterrupted
+    run. The tracker may be attached after the agent is built (a resume builds the agent to
+    validate the checkpoint before anything in the run directory changes).
+    """
+
+    def __init__(self, tracker: RunTracker | None) -> None:
         self.tracker = tracker
+        self.iteration_offset = 0
 
     def write(self, key_values: dict[str, Any], key_excluded: dict[str, Any],
               step: int = 0) -> None:
         row = {k: v for k, v in key_values.items()
                if isinstance(v, (int, float, np.integer, np.floating))}
+        if self.iteration_offset and "time/iterations" in row:
+            row["time/iterations"] = int(row["time/iterations"]) + self.iteration_offset
         if row:
+            assert self.tracker is not None, "TrackerWriter used before its tracker was set"
             self.tracker.log(row, step=step)
 
     def close(self) -> None:
@@ -301,20 +349,91 @@ class Stage:
     steps: int
 
 
+@dataclass(frozen=True)
+class Position:
+    """Where a run stands in its schedule: the stage to run next or running, the env steps it
+    has done, and whether its ``start_task`` ran (a checkpoint inside a task: True)."""
+
+    stage: int
+    steps_done: int = 0
+    started: bool = False
+
+
+class Checkpoints:
+    """When to checkpoint: at task boundaries (the runner asks) and at the first update
+    boundary at or after every multiple of ``every`` env steps (0: boundaries only)."""
+
+    def __init__(self, every: int, write: Callable[[Position], None], last_step: int) -> None:
+        self.every = int(every)
+        self.write = write
+        self.last_step = last_step
+        self.next_due = self._due_after(last_step)
+        self.count = 0
+
+    def _due_after(self, step: int) -> float:
+        return (step // self.every + 1) * self.every if self.every else math.inf
+
+    def save(self, position: Position, step: int) -> None:
+        self.write(position)
+        self.count += 1
+        self.last_step = step
+        self.next_due = self._due_after(step)
+
+    def maybe(self, position: Callable[[], Position], step: int) -> None:
+        if step >= self.next_due and step != self.last_step:
+            self.save(position(), step)
+
+
+class _CheckpointCallback(BaseCallback):
+    """Checkpoints at the start of a rollout, which is an update boundary: PPO's previous
+    ``train()`` and SAC's previous gradient steps are done, the next env step is not."""
+
+    def __init__(self, checkpoints: Checkpoints, position: Callable[[], Position]) -> None:
+        super().__init__()
+        self.checkpoints = checkpoints
+        self.position = position
+
+    def _on_rollout_start(self) -> None:
+        self.checkpoints.maybe(self.position, int(self.model.num_timesteps))
+
+    def _on_step(self) -> bool:
+        return True
+
+
 def _train_stages(agent: Any, stages: Sequence[Stage], evaluator: BatchedEvaluator,
                   normalizer: ScoreNormalizer, record: EvalRecord, *, eval_every: int,
                   log: Callable[[dict[str, Any], int], None], task_names: Sequence[str],
-                  progress: bool, desc: str) -> dict[str, float]:
-    """The core loop shared by continual runs and single-task reference runs."""
-    timings = {"eval_seconds": 0.0, "eval_count": 0}
+                  progress: bool, desc: str,
+                  checkpoint: Callable[[Position, dict[str, float]], None] | None = None,
+                  checkpoint_every: int = 0, start: Position | None = None,
+                  timings: Mapping[str, float] | None = None,
+                  writer: TrackerWriter | None = None) -> dict[str, float]:
+    """The core loop shared by continual runs and single-task reference runs.
+
+    ``checkpoint(position, timings)`` writes a checkpoint (None: none are taken); ``start``
+    and ``timings`` continue a run from a checkpoint's position and timings.
+    """
+    timings_now: dict[str, float] = {"eval_seconds": 0.0, "eval_count": 0,
+                                     "checkpoint_seconds": 0.0, "checkpoint_count": 0,
+                                     "total_seconds": 0.0, **(timings or {})}
     ends = list(np.cumsum([s.steps for s in stages]).astype(int))
+    starts = [0, *ends[:-1]]
     prefix = {t: f"eval/{t}-{task_names[t]}" for t in evaluator.tasks}
+    elapsed_before = float(timings_now["total_seconds"])
+    t_start = time.perf_counter()
+
+    def elapsed() -> dict[str, float]:
+        out = dict(timings_now)
+        out["total_seconds"] = elapsed_before + time.perf_counter() - t_start
+        out["train_seconds"] = (out["total_seconds"] - out["eval_seconds"]
+                                - out["checkpoint_seconds"])
+        return out
 
     def evaluate(step: int) -> None:
         t0 = time.perf_counter()
         result = evaluator.evaluate(agent)
-        timings["eval_seconds"] += time.perf_counter() - t0
-        timings["eval_count"] += 1
+        timings_now["eval_seconds"] += time.perf_counter() - t0
+        timings_now["eval_count"] += 1
         scores = record.add(step, result, normalizer)
         row: dict[str, Any] = {}
         for r, t in enumerate(result.tasks):
@@ -332,18 +451,49 @@ def _train_stages(agent: Any, stages: Sequence[Stage], evaluator: BatchedEvaluat
             row["test/deterministic/average_success"] = float(result.success_rates.mean())
         log(row, step)
 
+    def write(position: Position) -> None:
+        assert checkpoint is not None
+        t0 = time.perf_counter()
+        checkpoint(position, elapsed())
+        timings_now["checkpoint_seconds"] += time.perf_counter() - t0
+        timings_now["checkpoint_count"] += 1
+
+    current = {"stage": 0 if start is None else start.stage}
+
+    def position_in_task() -> Position:
+        i = current["stage"]
+        return Position(i, int(agent.num_timesteps) - int(starts[i]), True)
+
+    checkpoints = Checkpoints(checkpoint_every, write, int(agent.num_timesteps))
     total = ends[-1]
     bar = tqdm(total=total, desc=desc, unit="step", disable=not progress, leave=False,
-               dynamic_ncols=True)
-    t_start = time.perf_counter()
+               dynamic_ncols=True, initial=int(agent.num_timesteps))
     try:
-        evaluate(0)
-        callback = _EvalCallback(eval_every, evaluate, set(ends), bar)
-        for i, stage in enumerate(stages):
-            agent.start_task(stage.task)
-            log({"task": stage.task, "stage": i}, int(agent.num_timesteps))
-            agent.learn(stage.steps, callback=callback, reset_num_timesteps=False,
+        callback: BaseCallback = _EvalCallback(eval_every, evaluate, set(ends), bar)
+        callback._last = int(agent.num_timesteps)  # type: ignore[attr-defined]
+        if checkpoint is not None:
+            callback = CallbackList([callback, _CheckpointCallback(checkpoints,
+                                                                   position_in_task)])
+        if start is None:
+            evaluate(0)
+            if checkpoint is not None:
+                checkpoints.save(Position(0), 0)
+            start = Position(0)
+        for i in range(start.stage, len(stages)):
+            stage = stages[i]
+            current["stage"] = i
+            steps = stage.steps
+            if i == start.stage and start.started:  # resumed inside this task
+                steps -= start.steps_done
+                if writer is not None and hasattr(agent, "rollout_size"):
+                    writer.iteration_offset = start.steps_done // agent.rollout_size
+            else:
+                agent.start_task(stage.task)
+                log({"task": stage.task, "stage": i}, int(agent.num_timesteps))
+            agent.learn(steps, callback=callback, reset_num_timesteps=False,
                         progress_bar=False)
+            if writer is not None:
+                writer.iteration_offset = 0
             if agent.num_timesteps != ends[i]:
                 raise RuntimeError(
                     f"stage {i} ended at step {agent.num_timesteps}, expected {ends[i]}: the "
@@ -351,11 +501,11 @@ def _train_stages(agent: Any, stages: Sequence[Stage], evaluator: BatchedEvaluat
                 )
             agent.end_task(stage.task)
             evaluate(ends[i])
+            if checkpoint is not None:
+                checkpoints.save(Position(i + 1), int(ends[i]))
     finally:
         bar.close()
-    timings["total_seconds"] = time.perf_counter() - t_start
-    timings["train_seconds"] = timings["total_seconds"] - timings["eval_seconds"]
-    return timings
+    return elapsed()
 
 
 # --------------------------------------------------------------------------------------------
@@ -462,53 +612,345 @@ def run_dir_for(config: RunConfig, sequence: TaskSequence) -> tuple[Path, str, s
     return Path(config.run_dir) / group / f"{name}-{stamp}-{os.getpid()}", group, name
 
 
-def train(config: RunConfig, *, run_dir: str | Path | None = None,
-          keep_agent: bool = False) -> RunResult:
-    """Train ``config.agent`` with ``config.method`` on the sequence; evaluate; report."""
+class RunFinished(Exception):
+    """:func:`resume` on a run that already wrote its results; nothing was run."""
+
+    def __init__(self, run_dir: Path, results: dict[str, Any]) -> None:
+        super().__init__(f"the run in {run_dir} already finished (results.json exists); "
+                         "nothing to resume")
+        self.run_dir = run_dir
+        self.results = results
+
+
+class RunFailed(FloatingPointError):
+    """Training diverged (a nan/inf loss). The run directory keeps its last good checkpoint
+    (``checkpoint``, None if none was written) and ``failed.json``; no results.json."""
+
+    def __init__(self, message: str, *, run_dir: Path, checkpoint: Path | None,
+                 task: int | None, step: int | None) -> None:
+        super().__init__(message)
+        self.run_dir = run_dir
+        self.checkpoint = checkpoint
+        self.task = task
+        self.step = step
+
+
+@dataclass
+class _Plan:
+    """What a run is, resolved before anything is written: sequence, scores, references."""
+
+    config: RunConfig
+    sequence: TaskSequence
+    refs: dict[int, Any]
+    missing_refs: list[int]
+    normalizer: ScoreNormalizer
+    resolved: dict[str, Any]
+    group: str
+    name: str
+
+
+def _normalizer_from(bounds: Mapping[str, Any], sequence: TaskSequence,
+                     hint: str) -> ScoreNormalizer:
+    """The score bounds a run recorded (config.yaml ``score_bounds``): a resumed run scores
+    its evaluations exactly as its first part did, whatever the caches hold now."""
+    def array(values: Sequence[Any]) -> np.ndarray:
+        return np.array([np.nan if v is None else float(v) for v in values], dtype=float)
+
+    missing = {sequence.task_names.index(name): why
+               for name, why in (bounds.get("missing") or {}).items()}
+    return ScoreNormalizer(sequence.task_names, list(bounds["kind"]), array(bounds["low"]),
+                           array(bounds["high"]), missing,
+                           f"create the reference runs with `{hint}`")
+
+
+def _plan(config: RunConfig, bounds: Mapping[str, Any] | None = None) -> _Plan:
     from agents.reference import load_references
 
     sequence = load_sequence(config)
     check_agent_fits(config, sequence)
     check_agent_options(config)  # fail on bad agent options before any work
     refs, missing_refs = load_references(config, sequence, required=config.require_references)
-    normalizer = build_normalizer(
-        sequence,
-        reference_returns={t: r.final_return for t, r in refs.items()},
-        random_episodes=config.random_episodes,
-        cache_dir=None if config.reference_dir is None
-        else Path(config.reference_dir) / "random_returns",
-        reference_hint=reference_command(config),
-        max_steps=config.eval_max_steps,
-    )
+    if bounds is not None:
+        normalizer = _normalizer_from(bounds, sequence, reference_command(config))
+    else:
+        normalizer = build_normalizer(
+            sequence,
+            reference_returns={t: r.final_return for t, r in refs.items()},
+            random_episodes=config.random_episodes,
+            cache_dir=None if config.reference_dir is None
+            else Path(config.reference_dir) / "random_returns",
+            reference_hint=reference_command(config),
+            max_steps=config.eval_max_steps,
+        )
     if missing_refs:
         warnings.warn(
             f"no reference runs for tasks {[sequence.task_names[t] for t in missing_refs]}: "
             f"forward transfer will be n/a; create them with `{reference_command(config)}`",
-            RuntimeWarning, stacklevel=2,
+            RuntimeWarning, stacklevel=3,
         )
-    path, group, name = run_dir_for(config, sequence)
-    path = Path(run_dir) if run_dir is not None else path
     resolved = config.to_dict() | {
         "resolved_sequence": sequence.name, "tasks": list(sequence.task_names),
         "schedule": list(sequence.schedule), "steps_per_task_resolved": list(sequence.stage_steps),
         "score_bounds": normalizer.to_dict(),
     }
-    names = stage_names(sequence)
-    with RunTracker(path, resolved, wandb_mode=config.wandb, project=config.wandb_project,
-                    group=group, name=name, job_type="rl") as tracker:
-        env = sequence.make_env(append_task_id=True)
-        agent = make_agent(config, env, sequence)
-        agent.set_logger(Logger(folder=None, output_formats=[TrackerWriter(tracker)]))
-        record = EvalRecord(tuple(range(sequence.num_tasks)))
-        stages = [Stage(t, b) for t, b in zip(sequence.schedule, sequence.stage_steps,
-                                               strict=True)]
-        with BatchedEvaluator(sequence, config.eval_episodes,
-                              max_steps=config.eval_max_steps) as evaluator:
-            timings = _train_stages(
-                agent, stages, evaluator, normalizer, record, eval_every=config.eval_every,
-                log=tracker.log, task_names=sequence.task_names, progress=config.progress,
-                desc=f"{config.agent}/{config.method} on {sequence.name}",
+    group = config.group or f"{sequence.name}-{config.agent}"
+    name = f"{config.method}-seed{config.seed}"
+    return _Plan(config, sequence, refs, missing_refs, normalizer, to_builtin(resolved), group,
+                 name)
+
+
+#: Files whose presence means a folder holds a run.
+_RUN_FILES = ("config.yaml", "metrics.jsonl", "results.json", "checkpoints")
+
+
+def holds_run(path: str | Path) -> bool:
+    return any((Path(path) / f).exists() for f in _RUN_FILES)
+
+
+def train(config: RunConfig, *, run_dir: str | Path | None = None,
+          keep_agent: bool = False) -> RunResult:
+    """Train ``config.agent`` with ``config.method`` on the sequence; evaluate; report.
+
+    The run directory is ``run_dir``, else ``config.run_path``, else a new folder under
+    ``config.run_dir``; an explicit one must not hold a run already.
+    """
+    plan = _plan(config)
+    explicit = run_dir if run_dir is not None else config.run_path
+    if explicit is None:
+        path = run_dir_for(config, plan.sequence)[0]
+    else:
+        path = Path(explicit)
+        if holds_run(path):
+            raise ConfigError(
+                f"{path} already holds a run ("
+                f"{', '.join(f for f in _RUN_FILES if (path / f).exists())}); continue it with "
+                f"`crl train --resume {path}`, or choose another --run-path"
             )
+    return _execute(plan, Path(path), keep_agent=keep_agent)
+
+
+def config_fields(saved: Mapping[str, Any]) -> dict[str, Any]:
+    """The RunConfig fields of a resolved config (config.yaml holds more)."""
+    names = {f.name for f in dataclasses.fields(RunConfig)}
+    return {k: v for k, v in saved.items() if k in names}
+
+
+def load_run_config(run_dir: str | Path) -> dict[str, Any]:
+    """A `crl train` run directory's config.yaml (a clear error for anything else)."""
+    import yaml
+
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml); give the "
+                                "folder `crl train` printed as its run directory")
+    try:
+        saved = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise CheckpointError(f"{path} is not valid YAML ({exc}); restore it") from exc
+    if not isinstance(saved, dict) or "agent" not in saved or "sequence" not in saved:
+        raise CheckpointError(f"{path} is not the config of a `crl train` run (a supervised "
+                              "run? resume it with `crl supervised --resume`)")
+    return saved
+
+
+def _merge(saved: Mapping[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(saved)
+    for key, value in changes.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+@dataclass
+class _Resume:
+    state: dict[str, Any]
+    env: Any
+    agent: Any
+    writer: TrackerWriter
+    notes: list[str]
+
+
+_CHECKPOINT_KEYS = ("config", "position", "agent", "rng", "record", "timings", "tracker_rows")
+
+
+def resume(run_dir: str | Path, changes: Mapping[str, Any] | None = None, *,
+           keep_agent: bool = False) -> RunResult:
+    """Continue an interrupted run from ``run_dir/checkpoints/last.pt`` and finish it.
+
+    The run is rebuilt from its config.yaml, with ``changes`` (RunConfig fields, nested for
+    ``agent_options``/``method_options``: the options given now) applied on top; the result
+    must equal the checkpoint's configuration except for :data:`RESUME_MAY_CHANGE`, else a
+    :class:`CheckpointError` names every key that differs. Raises :class:`RunFinished` if
+    the run already has results. Nothing in ``run_dir`` changes until the checkpoint, the
+    configuration, the agent and the metrics file have all been checked.
+    """
+    run_dir = Path(run_dir)
+    saved = load_run_config(run_dir)
+    results = run_dir / "results.json"
+    if results.is_file():
+        try:
+            summary = json.loads(results.read_text())
+        except ValueError:
+            summary = {}
+        raise RunFinished(run_dir, summary)
+    ckpt_file = checkpoint_path(run_dir)
+    state = load_checkpoint(ckpt_file)
+    missing = [k for k in _CHECKPOINT_KEYS if k not in state]
+    if state.get("kind") != "rl" or missing:
+        raise CheckpointError(f"{ckpt_file} is not a checkpoint of a `crl train` run (kind "
+                              f"{state.get('kind')!r}, missing {missing})")
+    try:
+        config = RunConfig(**_merge(config_fields(saved), dict(changes or {})))
+    except TypeError as exc:
+        raise ConfigError(f"{run_dir}/config.yaml: {exc}") from exc
+    if config.run_path is not None and Path(config.run_path).resolve() != run_dir.resolve():
+        config = config.replace(run_path=str(run_dir))
+    bounds = saved.get("score_bounds")
+    if not isinstance(bounds, Mapping):
+        raise CheckpointError(f"{run_dir}/config.yaml has no score_bounds; restore the file")
+    plan = _plan(config, bounds=bounds)
+    check_compatible(state["config"], plan.resolved, what="configuration",
+                     ignore=RESUME_MAY_CHANGE)
+    metrics_file = run_dir / "metrics.jsonl"
+    rows = sum(1 for _ in metrics_file.open("rb")) if metrics_file.is_file() else 0
+    if rows < int(state["tracker_rows"]):
+        raise CheckpointError(
+            f"{metrics_file} has {rows} rows but the checkpoint saw {state['tracker_rows']}: "
+            "the metrics file was edited or replaced; restore it, or start the run again"
+        )
+    env = plan.sequence.make_env(append_task_id=True)
+    try:
+        agent = make_agent(config, env, plan.sequence)
+        writer = TrackerWriter(None)
+        agent.set_logger(Logger(folder=None, output_formats=[writer]))
+        notes = load_agent_state(agent, state["agent"], sequence=plan.sequence.name)
+    except BaseException:
+        env.close()
+        raise
+    # validated: from here on the run directory may change
+    (run_dir / "failed.json").unlink(missing_ok=True)
+    for stale in ckpt_file.parent.glob(".*.tmp"):  # a write cut short by a kill
+        stale.unlink(missing_ok=True)
+    return _execute(plan, run_dir, resume=_Resume(state, env, agent, writer, notes),
+                    keep_agent=keep_agent)
+
+
+def load_agent(run_dir: str | Path) -> Any:
+    """The agent of a run's last checkpoint (weights, optimisers, strategy, replay buffer,
+    position in the sequence) on a new training env of its sequence, ready to continue or to
+    evaluate. The global RNGs are left alone."""
+    state = load_checkpoint(checkpoint_path(run_dir))
+    if state.get("kind") != "rl" or "agent" not in state:
+        raise CheckpointError(f"{checkpoint_path(run_dir)} is not a `crl train` checkpoint")
+    config = RunConfig(**config_fields(state["config"]))
+    sequence = load_sequence(config)
+    env = sequence.make_env(append_task_id=True)
+    agent = make_agent(config, env, sequence)
+    agent.set_logger(Logger(folder=None, output_formats=[]))
+    load_agent_state(agent, state["agent"], sequence=sequence.name)
+    return agent
+
+
+def _describe(position: Position, stages: Sequence[Stage], names: Sequence[str]) -> str:
+    if position.stage >= len(stages):
+        return "after the last task"
+    where = f"task {stages[position.stage].task} ({names[position.stage]})"
+    if not position.started:
+        return f"before {where}"
+    return f"{position.steps_done:,} of the {stages[position.stage].steps:,} steps of {where}"
+
+
+def _record_failure(run_dir: Path, exc: BaseException, ckpt_file: Path,
+                    last: Mapping[str, Any], stages: Sequence[Stage],
+                    names: Sequence[str]) -> RunFailed | None:
+    """Write failed.json; for a nan/inf loss, return the :class:`RunFailed` to raise."""
+    task = getattr(exc, "task", None)
+    step = getattr(exc, "step", None)
+    has_ckpt = last["position"] is not None and ckpt_file.is_file()
+    record = {
+        "error": type(exc).__name__, "message": str(exc), "task": task, "step": step,
+        "last_checkpoint": str(ckpt_file) if has_ckpt else None,
+        "checkpoint_step": last["step"] if has_ckpt else None,
+        "checkpoint_position": dataclasses.asdict(last["position"]) if has_ckpt else None,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    atomic_write_text(run_dir / "failed.json", json.dumps(to_builtin(record), indent=1))
+    if not isinstance(exc, FloatingPointError):
+        return None
+    where = "no checkpoint had been written" if not has_ckpt else (
+        f"the last good checkpoint is {ckpt_file} (env step {last['step']:,}, "
+        f"{_describe(last['position'], stages, names)})")
+    return RunFailed(
+        f"training diverged: {exc}. The run stopped before the bad update was checkpointed: "
+        f"{where}; the failure is recorded in {run_dir / 'failed.json'} and the run has no "
+        f"results. Start a new run with the lower setting (`crl train --resume {run_dir}` "
+        "continues with the same settings, which diverge again)",
+        run_dir=run_dir, checkpoint=ckpt_file if has_ckpt else None, task=task, step=step)
+
+
+def _execute(plan: _Plan, path: Path, *, resume: _Resume | None = None,
+             keep_agent: bool = False) -> RunResult:
+    config, sequence = plan.config, plan.sequence
+    names = stage_names(sequence)
+    stages = [Stage(t, b) for t, b in zip(sequence.schedule, sequence.stage_steps, strict=True)]
+    tracker = RunTracker(path, plan.resolved, wandb_mode=config.wandb,
+                         project=config.wandb_project, group=plan.group, name=plan.name,
+                         job_type="rl",
+                         resume_rows=None if resume is None else int(
+                             resume.state["tracker_rows"]))
+    with tracker:
+        if resume is None:
+            env = sequence.make_env(append_task_id=True)
+            agent = make_agent(config, env, sequence)
+            writer = TrackerWriter(tracker)
+            agent.set_logger(Logger(folder=None, output_formats=[writer]))
+            record = EvalRecord(tuple(range(sequence.num_tasks)))
+            start, timings_before = None, None
+        else:
+            env, agent, writer = resume.env, resume.agent, resume.writer
+            writer.tracker = tracker
+            saved = resume.state
+            record = EvalRecord(**{**saved["record"], "tasks": tuple(saved["record"]["tasks"])})
+            start = Position(**saved["position"])
+            timings_before = saved["timings"]
+        ckpt_file = checkpoint_path(tracker.run_dir)
+        last: dict[str, Any] = {"position": None, "step": None}
+        if resume is not None:
+            last |= {"position": start, "step": int(resume.state["num_timesteps"])}
+
+        def write_checkpoint(position: Position, timings: dict[str, float]) -> None:
+            step = int(agent.num_timesteps)
+            save_checkpoint(ckpt_file, {
+                "kind": "rl", "config": plan.resolved, "position": dataclasses.asdict(position),
+                "num_timesteps": step,
+                "agent": agent_state(agent, include_buffer=config.checkpoint_buffer,
+                                     sequence=sequence.name),
+                "rng": rng_state(), "record": dataclasses.asdict(record), "timings": timings,
+                "tracker_rows": tracker.rows,
+            })
+            last.update(position=position, step=step)
+
+        try:
+            with BatchedEvaluator(sequence, config.eval_episodes,
+                                  max_steps=config.eval_max_steps) as evaluator:
+                if resume is not None:  # last: building envs and W&B may draw from them
+                    set_rng_state(resume.state["rng"])
+                timings = _train_stages(
+                    agent, stages, evaluator, plan.normalizer, record,
+                    eval_every=config.eval_every, log=tracker.log,
+                    task_names=sequence.task_names, progress=config.progress,
+                    desc=f"{config.agent}/{config.method} on {sequence.name}",
+                    checkpoint=write_checkpoint, checkpoint_every=config.checkpoint_every,
+                    start=start, timings=timings_before, writer=writer,
+                )
+        except Exception as exc:
+            failed = _record_failure(tracker.run_dir, exc, ckpt_file, last, stages, names)
+            env.close()
+            if failed is not None:
+                raise failed from exc
+            raise
         env.close()
         history = stage_history(record, sequence)
         summary: dict[str, Any] = {"method": config.method, "agent": config.agent,
@@ -516,17 +958,18 @@ def train(config: RunConfig, *, run_dir: str | Path | None = None,
                                    "sequence": sequence.name, "seed": config.seed}
         plot_path = None
         if history is None:
-            summary["metrics_reason"] = normalizer.missing_reason
+            summary["metrics_reason"] = plan.normalizer.missing_reason
             summary |= {"final_performance": None, "mean_forgetting": None,
                         "mean_forward_transfer": None}
         else:
             ref_histories = None
-            if not missing_refs:
-                ref_histories = [refs[t].history(normalizer, t) for t in sequence.schedule]
+            if not plan.missing_refs:
+                ref_histories = [plan.refs[t].history(plan.normalizer, t)
+                                 for t in sequence.schedule]
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
                 summary |= summarize(history, ref_histories, k=config.forgetting_k)
-            if missing_refs:
+            if plan.missing_refs:
                 summary["forward_transfer_reason"] = (
                     f"reference runs missing; create them with `{reference_command(config)}`")
             plot_path = plot_task_curves(history, tracker.run_dir / "plots" / "task_curves.png",
@@ -539,14 +982,17 @@ def train(config: RunConfig, *, run_dir: str | Path | None = None,
                     "env_steps": int(agent.num_timesteps),
                     "steps_per_second": agent.num_timesteps / max(timings["train_seconds"],
                                                                   1e-9)}
+        if resume is not None:
+            summary["resumed"] = {"from_step": int(resume.state["num_timesteps"]),
+                                  "exact": not resume.notes, "notes": resume.notes}
         if config.save_model:
-            save_checkpoint(agent, tracker.run_dir / "checkpoints")
+            save_model_files(agent, tracker.run_dir / "checkpoints")
         tracker.finish(summary)
     return RunResult(config, Path(path), summary, rows, record, history, plot_path, timings,
                      agent if keep_agent else None)
 
 
-def save_checkpoint(agent: Any, folder: Path) -> None:
+def save_model_files(agent: Any, folder: Path) -> None:
     """SB3's zip (weights, optimisers, settings) + the strategy's state; the strategy and
     host are left out of the zip (they point back at the agent) and buffers are not saved.
     A failure warns: it must not cost the run's results."""

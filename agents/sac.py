@@ -460,6 +460,11 @@ class ContinualSAC(ContinualAgent, SAC):
                 ent_coef_losses.append(losses.ent_coef_loss.item())
             if penalty is not None:
                 penalties.append(penalty.item())
+            terms = {"critic": critic_losses[-1], "actor": actor_losses[-1],
+                     "entropy coefficient": ent_coef_losses[-1] if losses.ent_coef_loss
+                     is not None else None, "penalty": penalties[-1] if penalty is not None
+                     else None}
+            self.check_finite_losses(sum(v for v in terms.values() if v is not None), terms)
             if gradient_step % self.target_update_interval == 0:
                 polyak_update(self.critic.parameters(), self.critic_target.parameters(), self.tau)
                 polyak_update(self.batch_norm_stats, self.batch_norm_stats_target, 1.0)

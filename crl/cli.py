@@ -379,7 +379,7 @@ RUN_CONFIG_DESTS = (
     "eval_max_steps",
     "forgetting_k", "device", "torch_threads", "run_dir", "wandb", "wandb_project", "group",
     "reference_dir", "reference_seed", "require_references", "random_episodes", "progress",
-    "save_model",
+    "save_model", "checkpoint_every", "checkpoint_buffer", "run_path",
 )
 
 
@@ -547,12 +547,87 @@ def print_run_table(summary: dict[str, Any], title: str) -> None:
                           soft_wrap=True)
 
 
-def _train(**params: Any) -> None:
-    with _rl_usage_errors():
+def _train_run_options() -> list[click.Option]:
+    """Run-directory options of `crl train`: resume, exact path, checkpoints."""
+    return [
+        click.Option(["--resume"], type=click.Path(file_okay=False),
+                     help="Continue the interrupted run in this run directory from its last "
+                     "checkpoint, bit for bit (its config.yaml gives the options; options given "
+                     "now must agree with it)."),
+        click.Option(["--run-path"], type=click.Path(file_okay=False),
+                     help="Exact directory of a new run; it must not hold a run yet."),
+        click.Option(["--checkpoint-every"], type=click.IntRange(min=0),
+                     help="Checkpoint every N env steps (at the next update boundary) besides "
+                     "every task boundary (0: boundaries only). [100000]"),
+        click.Option(["--checkpoint-buffer/--no-checkpoint-buffer", "checkpoint_buffer"],
+                     default=None, help="SAC: put the replay buffer in the checkpoints (large: "
+                     "~840 MB for CW10's 1M transitions; without it a resume is not "
+                     "bit-exact). [on]"),
+    ]
+
+
+@contextlib.contextmanager
+def _train_failures(run_dir: str | None = None) -> Iterator[None]:
+    """Checkpoint problems and diverged runs: a clear message and exit code 1."""
+    from agents.runner import RunFailed
+    from crl.checkpoint import CheckpointError
+
+    try:
+        yield
+    except RunFailed as exc:
+        raise click.ClickException(str(exc)) from exc
+    except CheckpointError as exc:
+        raise click.ClickException(
+            f"cannot resume {run_dir}: {exc}" if run_dir else str(exc)) from exc
+
+
+def _train_changes(flat: dict[str, Any]) -> dict[str, Any]:
+    """The options given to `crl train --resume`, as RunConfig fields (nested for agent and
+    method options): each must agree with the run's config, or name a field that may change."""
+    config = _run_config(flat)  # validates the values the way a new run would
+    full = config.to_dict()
+    changes = {k: full[k] for k in RUN_CONFIG_DESTS if k in flat}
+    if "net_arch" in flat:
+        changes["net_arch"] = full["net_arch"]
+    if full["agent_options"]:  # only the given ones (and --sb3-kwargs)
+        changes["agent_options"] = full["agent_options"]
+    if full["method_options"]:
+        changes["method_options"] = full["method_options"]
+    return changes
+
+
+def _train_resume(run_dir: str, params: dict[str, Any]) -> None:
+    """`crl train --resume RUN_DIR`: validate everything, then continue the run."""
+    if params.get("run_path") is not None:
+        raise click.UsageError("--resume continues the run where it is; drop --run-path")
+    with _rl_usage_errors(), _train_failures(run_dir):
+        from agents.runner import RunFinished, resume
+
+        try:
+            result = resume(run_dir, _train_changes(_resolve(params)))
+        except RunFinished as done:
+            perf = done.results.get("final_performance")
+            click.echo(f"{run_dir} already finished (results.json"
+                       + (f", performance P(T) {perf:.3f}" if isinstance(perf, float) else "")
+                       + "); nothing to resume.")
+            return
+    _print_train_result(result)
+
+
+def _train(resume: str | None = None, **params: Any) -> None:
+    if resume is not None:
+        _train_resume(resume, params)
+        return
+    with _rl_usage_errors(), _train_failures():
         from agents.runner import train
 
         config = _run_config(_resolve(params))
         result = train(config)
+    _print_train_result(result)
+
+
+def _print_train_result(result: Any) -> None:
+    config = result.config
     s = result.summary
     print_run_table(s, f"{s['sequence']}: {config.agent} + {config.method}, seed {config.seed}")
     console.print(f"performance P(T) {_fmt_value(s.get('final_performance'))} (last "
@@ -590,7 +665,7 @@ main.add_command(
     click.Command(
         "train",
         callback=_train,
-        params=_rl_options(),
+        params=[*_rl_options(), *_train_run_options()],
         help="Train an SB3 agent (sac/ppo) on a task sequence with a continual-learning "
         "method; print performance, forgetting and forward transfer.",
     )

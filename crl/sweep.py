@@ -1,9 +1,10 @@
 """`crl sweep`: a grid of `crl train` / `crl supervised` runs as independent Ray tasks.
 
-A sweep YAML names a command, options shared by every run (``base``), the axes of a grid
-(``grid``: their product) and an optional extra axis of option sets (``overrides``). Each
-grid point becomes one run with a deterministic id (``ppo-ewc-CartPoleSwap-ewc_lam=100-seed1``)
-and folder ``out/<name>/<run-id>``. A run is a Ray task that starts the ordinary command as a
+A sweep YAML (schema: ``crl sweep --help``; examples: scripts/sweeps/*.yaml) names a
+command, options shared by every run (``base``), the axes of a grid (``grid``: their
+product) and an optional extra axis of option sets (``overrides``). Each grid point becomes
+one run with a deterministic id (``ppo-ewc-CartPoleSwap-ewc_lam=100-seed1``) and folder
+``out/<name>/<run-id>``. A run is a Ray task that starts the ordinary command as a
 subprocess, so a sweep run is exactly what a user would get by typing the command, crashes
 stay inside their process, and Ray only schedules (no home-made scheduler, DESIGN "Scale").
 
