@@ -355,3 +355,8 @@ def test_run_path_refuses_an_existing_run_and_several_runs(tiny_mnist_dir, tmp_p
     assert not (tmp_path / "new").exists()
     res = CliRunner().invoke(main, ["supervised", "--resume", str(tmp_path / "nowhere")])
     assert res.exit_code == 2 and "not a crl run directory" in res.output
+    rl_run = tmp_path / "rl"
+    rl_run.mkdir()
+    (rl_run / "config.yaml").write_text("sequence: CartPoleSwap\nagent: ppo\n")
+    res = CliRunner().invoke(main, ["supervised", "--resume", str(rl_run)])
+    assert res.exit_code == 2 and "resume it with `crl train --resume`" in res.output

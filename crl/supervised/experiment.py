@@ -319,6 +319,11 @@ def load_run_config(run_dir: str | Path) -> dict[str, Any]:
         raise ValueError(f"{path} is not valid YAML ({exc}); restore it from the run") from exc
     if not isinstance(data, dict):
         raise ValueError(f"{path} does not hold a mapping of config keys")
+    if "benchmark" not in data:
+        hint = ("; it is a `crl train` run: resume it with `crl train --resume`"
+                if "sequence" in data else "")
+        raise ValueError(f"{path} is not the config of a supervised run (no 'benchmark' "
+                         f"key){hint}")
     return data
 
 
@@ -347,22 +352,23 @@ def resume_experiment(
             summary = {}
         raise RunFinished(run_dir, summary)
     state = load_checkpoint(checkpoint_path(run_dir))
+    for key in ("config", "rows", "data", "trainer"):
+        if key not in state:
+            raise CheckpointError(f"{checkpoint_path(run_dir)} lacks {key!r}: it is not a "
+                                  "checkpoint of a supervised run")
     if config is None:
         config = SupervisedConfig.from_dict(saved)
     if benchmark is None:
         benchmark = build_benchmark(config, data)
     resolved = resolved_config(config, benchmark)
-    for key in ("config", "rows", "data", "trainer"):
-        if key not in state:
-            raise CheckpointError(f"{checkpoint_path(run_dir)} lacks {key!r}: it is not a "
-                                  "checkpoint of a supervised run")
     check_compatible(state["config"], resolved, what="configuration",
                      ignore=RESUME_MAY_CHANGE)
-    if state["data"] != data_fingerprint(benchmark):
+    fingerprint = data_fingerprint(benchmark)
+    if state["data"] != fingerprint:
         raise CheckpointError(
             f"the data differ from the data the run was trained on (fingerprint "
-            f"{state['data']} in the checkpoint, {data_fingerprint(benchmark)} now); point "
-            "--data-dir (or $CRL_DATA_DIR) at the run's own MNIST files"
+            f"{state['data']} in the checkpoint, {fingerprint} now); point --data-dir (or "
+            "$CRL_DATA_DIR) at the run's own MNIST files"
         )
     metrics_file = run_dir / "metrics.jsonl"
     rows = sum(1 for _ in metrics_file.open("rb")) if metrics_file.is_file() else 0
