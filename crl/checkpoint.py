@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from crl.tracking import default_file_mode
+
 #: Bumped when the layout of checkpoints changes incompatibly.
 CHECKPOINT_FORMAT = 1
 #: File name of the latest checkpoint inside a run directory's ``checkpoints/`` folder.
@@ -47,6 +49,7 @@ def save_checkpoint(path: str | Path, payload: Mapping[str, Any]) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, default_file_mode())
         with os.fdopen(fd, "wb") as fh:
             torch.save({"format": CHECKPOINT_FORMAT, **payload}, fh)
             fh.flush()

@@ -9,6 +9,7 @@ training: if W&B cannot start or log, the run goes on with the local directory a
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -49,6 +50,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, default_file_mode())  # mkstemp's 0600 would hide run files from others
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
             fh.flush()
@@ -64,6 +66,15 @@ def _count_lines(path: Path) -> int:
         return 0
     with path.open("rb") as fh:
         return sum(1 for _ in fh)
+
+
+@functools.cache
+def default_file_mode() -> int:
+    """The mode ``open()`` would give a new file (0666 minus the process umask); read once,
+    because reading the umask means setting it for a moment."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 class RunTracker:
@@ -141,6 +152,10 @@ class RunTracker:
             try:
                 import wandb
 
+                # wandb offers Weave (LLM tracing) when a module named like an LLM library is
+                # loaded, and our `agents` package matches the OpenAI Agents SDK's name; its
+                # documented switch turns that off (a value the user set is kept).
+                os.environ.setdefault("WANDB_DISABLE_WEAVE", "true")
                 self.wandb_run = wandb.init(
                     mode=m, dir=str(self.run_dir), config=self.config, project=project,
                     group=group, name=name, tags=list(tags) if tags else None,
