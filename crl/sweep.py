@@ -628,8 +628,13 @@ class SweepResult:
 
 def start_ray(address: str | None = None, num_cpus: int | None = None,
               timeout_s: float = 120.0) -> None:
-    """A new local Ray instance bound to 127.0.0.1 (never someone else's ``ray start``), or
-    the cluster at ``address``; a start that hangs past ``timeout_s`` is an error."""
+    """A new local Ray instance (``address="local"``: never a cluster someone else started
+    with ``ray start`` on this machine), or the cluster at ``address``; a start that hangs
+    past ``timeout_s`` is an error.
+
+    Ray 2.x cannot be bound to the loopback interface on Linux: it replaces 127.0.0.1 by the
+    node's address (``ray._private.services.resolve_ip_for_localhost``) and its gRPC servers
+    listen on 0.0.0.0; its token authentication (on by default in Ray 2.60) guards them."""
     try:
         import ray
     except ImportError as exc:
@@ -644,7 +649,7 @@ def start_ray(address: str | None = None, num_cpus: int | None = None,
     if address:
         kwargs["address"] = address
     else:
-        kwargs |= {"address": "local", "num_cpus": num_cpus, "_node_ip_address": "127.0.0.1"}
+        kwargs |= {"address": "local", "num_cpus": num_cpus}
     where = f"the Ray cluster at {address}" if address else "a local Ray instance"
     message = (f"{where} did not start within {timeout_s:g} s; check `ray status` or raise "
                "--ray-timeout")

@@ -1,5 +1,6 @@
 """`crl sweep`: config checks and --dry-run without Ray; one real 2x2 sweep on a local Ray
-instance (2 CPUs, bound to 127.0.0.1) with a run that diverges, retried from its checkpoint."""
+instance (2 CPUs) with a run that diverges, retried from its checkpoint. Ray 2.60 cannot
+bind to 127.0.0.1 on Linux (see crl.sweep.start_ray); its token authentication guards it."""
 
 from __future__ import annotations
 
