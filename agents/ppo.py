@@ -89,22 +89,33 @@ class PPOHost:
     def __init__(self, agent: ContinualPPO) -> None:
         self.agent = agent
         self.module: nn.Module = agent.policy
+        self._cache: tuple[tuple[Any, ...], dict[str, nn.Parameter], list[nn.Parameter]] | None
+        self._cache = None
+
+    def _selection(self) -> tuple[dict[str, nn.Parameter], list[nn.Parameter]]:
+        """(protected, trained), rebuilt only when the policy or the options change: PackNet
+        reads the protected set twice and A-GEM the trained list once per minibatch, and
+        walking ``named_parameters()`` with name tests each time was measurable there."""
+        policy = self.agent.policy
+        flags = (bool(policy.multi_head), bool(self.agent.regularize_critic))
+        if self._cache is None or self._cache[0][0] is not policy or self._cache[0][1:] != flags:
+            critic = ("mlp_extractor.value_net.", "vf_features_extractor.", "value_net.")
+            heads = ("action_net.", "value_net.", "log_std")
+            protected = {}
+            for name, p in policy.named_parameters():
+                if policy.multi_head and name.startswith(heads):
+                    continue
+                if not self.agent.regularize_critic and name.startswith(critic):
+                    continue
+                protected[name] = p
+            self._cache = ((policy, *flags), protected, list(policy.parameters()))
+        return self._cache[1], self._cache[2]
 
     def protected_parameters(self) -> dict[str, nn.Parameter]:
-        policy = self.agent.policy
-        critic = ("mlp_extractor.value_net.", "vf_features_extractor.", "value_net.")
-        heads = ("action_net.", "value_net.", "log_std")
-        out = {}
-        for name, p in policy.named_parameters():
-            if policy.multi_head and name.startswith(heads):
-                continue
-            if not self.agent.regularize_critic and name.startswith(critic):
-                continue
-            out[name] = p
-        return out
+        return dict(self._selection()[0])
 
     def trained_parameters(self) -> list[nn.Parameter]:
-        return list(self.agent.policy.parameters())
+        return list(self._selection()[1])
 
     def importance_batches(self) -> Iterator[Batch]:
         return self.agent.task_batches()

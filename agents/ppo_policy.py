@@ -35,7 +35,7 @@ from stable_baselines3.common.torch_layers import CombinedExtractor
 from torch import nn
 from torch.distributions import Categorical, Independent, Normal
 
-from agents.heads import MultiHeadLinear, task_index_from_obs
+from agents.heads import MultiHeadLinear, TaskIndex, task_index_from_obs, uniform_task
 
 #: Key of the task one-hot in a Dict observation (envs.ContinualEnv's convention).
 TASK_KEY = "task_id"
@@ -148,9 +148,10 @@ class _MultiHeadMixin:
         )
 
     # -- task ids ----------------------------------------------------------------------------
-    def task_index(self, obs: Obs) -> torch.Tensor:
-        """Each sample's task, from the one-hot it carries (argmax: no Python branching)."""
-        return task_index_from_obs(obs, self.num_tasks)
+    def task_index(self, obs: Obs) -> TaskIndex:
+        """Each sample's task, from the one-hot it carries (argmax: no Python branching), or
+        one ``int`` when the batch has a single task (:func:`agents.heads.uniform_task`)."""
+        return uniform_task(task_index_from_obs(obs, self.num_tasks))
 
     # -- forward passes ----------------------------------------------------------------------
     def _latents(self, obs: Obs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,7 +164,7 @@ class _MultiHeadMixin:
             self.mlp_extractor.forward_critic(vf_features),
         )
 
-    def _head_distribution(self, latent_pi: torch.Tensor, task: torch.Tensor) -> Distribution:
+    def _head_distribution(self, latent_pi: torch.Tensor, task: TaskIndex) -> Distribution:
         mean = self.action_net(latent_pi, task)
         if isinstance(self.action_dist, DiagGaussianDistribution):
             return self.action_dist.proba_distribution(mean, self.log_std[task])

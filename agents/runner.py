@@ -54,6 +54,7 @@ from agents.evaluation import (
     build_normalizer,
     json_ready,
 )
+from agents.method_defaults import rl_method_options
 from crl.checkpoint import (
     CheckpointError,
     check_compatible,
@@ -257,7 +258,8 @@ def make_agent(config: RunConfig, env: Any, sequence: TaskSequence, *, method: s
     return cls(
         policy, env,
         strategy=method,
-        strategy_options=config.method_options.get(method, {}),
+        strategy_options=rl_method_options(config.agent, method, config.method_options.get(method),
+                                           config.agent_options),
         num_tasks=sequence.num_tasks,
         seed=config.seed if seed is None else seed,
         device=config.device,
@@ -692,6 +694,9 @@ def _plan(config: RunConfig, bounds: Mapping[str, Any] | None = None) -> _Plan:
         "resolved_sequence": sequence.name, "tasks": list(sequence.task_names),
         "schedule": list(sequence.schedule), "steps_per_task_resolved": list(sequence.stage_steps),
         "score_bounds": normalizer.to_dict(),
+        "method_options_resolved": rl_method_options(
+            config.agent, config.method, config.method_options.get(config.method),
+            config.agent_options),
     }
     group = config.group or f"{sequence.name}-{config.agent}"
     name = f"{config.method}-seed{config.seed}"

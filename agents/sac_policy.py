@@ -22,7 +22,7 @@ from stable_baselines3.common.type_aliases import PyTorchObs
 from stable_baselines3.sac.policies import LOG_STD_MAX, LOG_STD_MIN, Actor, SACPolicy
 from torch import nn
 
-from agents.heads import MultiHeadLinear, task_index_from_obs
+from agents.heads import MultiHeadLinear, TaskIndex, task_index_from_obs, uniform_task
 
 
 def check_task_id_space(observation_space: spaces.Space, num_tasks: int) -> None:
@@ -71,7 +71,7 @@ class MultiHeadActor(Actor):
 
     def dist_params(self, obs: PyTorchObs) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, clamped log-std) of each sample's pre-tanh Gaussian, from its task's head."""
-        task = task_index_from_obs(obs, self.num_tasks)
+        task = uniform_task(task_index_from_obs(obs, self.num_tasks))
         features = self.extract_features(obs, self.features_extractor)
         latent_pi = self.latent_pi(features)
         mean_actions = self.mu(latent_pi, task)
@@ -99,7 +99,7 @@ class HeadedQNetwork(nn.Module):
         self.trunk = nn.Sequential(*create_mlp(in_dim, -1, net_arch, activation_fn))
         self.head = MultiHeadLinear(net_arch[-1] if net_arch else in_dim, 1, num_tasks)
 
-    def forward(self, x: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, task: TaskIndex) -> torch.Tensor:
         return self.head(self.trunk(x), task)
 
 
@@ -143,14 +143,14 @@ class MultiHeadContinuousCritic(ContinuousCritic):
             self.q_networks.append(q_net)
 
     def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        task = task_index_from_obs(obs, self.num_tasks)
+        task = uniform_task(task_index_from_obs(obs, self.num_tasks))
         with torch.set_grad_enabled(not self.share_features_extractor):
             features = self.extract_features(obs, self.features_extractor)
         qvalue_input = torch.cat([features, actions], dim=1)
         return tuple(q_net(qvalue_input, task) for q_net in self.q_networks)
 
     def q1_forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        task = task_index_from_obs(obs, self.num_tasks)
+        task = uniform_task(task_index_from_obs(obs, self.num_tasks))
         with torch.no_grad():
             features = self.extract_features(obs, self.features_extractor)
         return self.q_networks[0](torch.cat([features, actions], dim=1), task)

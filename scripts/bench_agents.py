@@ -6,9 +6,13 @@ Throughput (one invocation, side by side): every agent first trains task 0 of a 
 budget (untimed, so that the methods have anchors, importances, memories or masks), ends it,
 starts task 1, explores (SAC, untimed), then trains ``--steps`` env steps of task 1, timed;
 plain SB3 (single head, same network, same env with the one-hot) trains the same number of
-steps after the same warm-up. Measurements are interleaved (plain, methods..., repeated
-``--repeats`` times) and the median is reported, so load on the shared cores hits every row
-alike. Targets (issue 4): finetune >= 0.97x, L2/EWC/MAS/PackNet >= 0.90x, A-GEM >= 0.60x.
+steps after the same warm-up. All models are built first, then trained in ``--repeats``
+rounds of ``--steps`` timed steps each (plain, methods..., order rotated per round); each
+round's ratios use that round's plain run, and the median ratio over rounds is reported with
+its range, so load on the shared cores hits every row alike.
+Both wall-clock and process-CPU steps/s are recorded: the targets are on wall time, and the
+CPU-time ratio, which other jobs on the cores move much less, tells load from overhead.
+Targets (issue 4): finetune >= 0.97x, L2/EWC/MAS/PackNet >= 0.90x, A-GEM >= 0.60x.
 
 Evaluation share (CW protocol: every task every 20k steps, 10 episodes, 1M steps per task):
 measured on a shortened run, ``t_train`` = seconds per training env step of ContinualSAC with
@@ -17,7 +21,7 @@ not installed), and ``t_eval`` = seconds of one batched evaluation of every task
 over the full protocol is ``t_eval / (t_eval + 20_000 * t_train)`` (one evaluation per 20k
 steps; the extra evaluation at step 0 is 1 in 500 and ignored). Target <= 25%.
 
-    python scripts/bench_agents.py --steps 1000 --repeats 2 --out bench_agents.json
+    python scripts/bench_agents.py --steps 1024 --repeats 8 --out bench_agents.json
 """
 
 from __future__ import annotations
@@ -66,21 +70,27 @@ def _plain(agent: str, env: Any, net: list[int], opts: dict[str, Any], explore: 
     return PPO("MlpPolicy", env, **kw)
 
 
-def measure(agent: str, method: str | None, timed: int, net: list[int],
-            multi_head: bool = True) -> float:
-    """Env steps per second of ``timed`` training steps on task 1 (method None: plain SB3)."""
+def _timed_learn(model: Any, steps: int) -> tuple[float, float]:
+    """(wall, process CPU) steps per second of ``model.learn(steps)``. CPU time is what the
+    run itself consumed: on cores shared with other jobs it moves far less than wall time."""
+    w0, c0 = time.perf_counter(), time.process_time()
+    model.learn(steps, reset_num_timesteps=False)
+    return steps / (time.perf_counter() - w0), steps / (time.process_time() - c0)
+
+
+def build(agent: str, method: str | None, timed: int, net: list[int],
+          multi_head: bool = True) -> Any:
+    """A model that has trained task 0 (untimed; ended, so the method holds its anchors,
+    importances, memories or masks) and started task 1 (SAC: explored), ready for ``timed``
+    timed steps of task 1 (method None: plain SB3 after the same steps)."""
     _, opts, warm = SETUPS[agent]
     explore = 100 if agent == "sac" else 0
-    if agent == "ppo":  # whole rollouts only (a rollout must not cross the task switch)
-        timed = -(-timed // opts["n_steps"]) * opts["n_steps"]
     seq = _sequence(agent, timed, explore)
     env = seq.make_env(append_task_id=True)
     if method is None:
         model = _plain(agent, env, net, opts, explore)
         model.learn(warm + explore)
-        t0 = time.perf_counter()
-        model.learn(timed, reset_num_timesteps=False)
-        return timed / (time.perf_counter() - t0)
+        return model
     agent_opts = dict(opts, multi_head=multi_head)
     if agent == "sac":
         agent_opts["exploration_steps"] = explore
@@ -93,35 +103,52 @@ def measure(agent: str, method: str | None, timed: int, net: list[int],
     model.start_task(1)
     if explore:
         model.learn(explore, reset_num_timesteps=False)
-    t0 = time.perf_counter()
-    model.learn(timed, reset_num_timesteps=False)
-    return timed / (time.perf_counter() - t0)
+    return model
 
 
-def throughput(agents: list[str], methods: list[str], timed: int, repeats: int,
+def throughput(agents: list[str], methods: list[str], steps: int, repeats: int,
                net: list[int]) -> list[dict[str, Any]]:
+    """Every model is built first; then ``repeats`` rounds each train every model for
+    ``steps`` timed steps, in an order rotated per round. A round takes seconds, so a change
+    of load on the shared cores hits the plain run and the methods of that round alike."""
     rows = []
     for agent in agents:
+        opts = SETUPS[agent][1]
+        if agent == "ppo":  # whole rollouts only (a rollout must not cross the task switch)
+            steps = -(-steps // opts["n_steps"]) * opts["n_steps"]
         labels = ["plain SB3", *methods, "finetune (single head)"]
-        samples: dict[str, list[float]] = {lab: [] for lab in labels}
-        for _ in range(repeats):
-            for lab in labels:
-                if lab == "plain SB3":
-                    v = measure(agent, None, timed, net)
-                elif lab == "finetune (single head)":
-                    v = measure(agent, "finetune", timed, net, multi_head=False)
-                else:
-                    v = measure(agent, lab, timed, net)
-                samples[lab].append(v)
-                print(f"  {agent} {lab}: {v:.0f} steps/s", flush=True)
-        base = statistics.median(samples["plain SB3"])
+        models = {}
         for lab in labels:
-            med = statistics.median(samples[lab])
+            method = None if lab == "plain SB3" else lab.split(" ")[0]
+            models[lab] = build(agent, method, steps * repeats, net,
+                                multi_head=lab != "finetune (single head)")
+        wall: dict[str, list[float]] = {lab: [] for lab in labels}
+        cpu: dict[str, list[float]] = {lab: [] for lab in labels}
+        for r in range(repeats):
+            k = r % len(labels)
+            for lab in labels[k:] + labels[:k]:
+                w, c = _timed_learn(models[lab], steps)
+                wall[lab].append(w)
+                cpu[lab].append(c)
+            print(f"  {agent} round {r + 1}/{repeats}: " + ", ".join(
+                f"{lab} {wall[lab][-1]:.0f}" for lab in labels) + " steps/s (wall)", flush=True)
+        # Ratios per round (each round's plain run is its own baseline); median and range.
+        for lab in labels:
             target = TARGETS.get(lab)
-            rows.append({"agent": agent, "method": lab, "steps_per_s": med,
-                         "ratio": med / base, "target": target,
-                         "meets": None if target is None else bool(med / base >= target),
-                         "samples": samples[lab]})
+            per = {kind: [v / b for v, b in zip(samples[lab], samples["plain SB3"], strict=True)]
+                   for kind, samples in (("wall", wall), ("cpu", cpu))}
+            ratio = statistics.median(per["wall"])
+            rows.append({"agent": agent, "method": lab,
+                         "steps_per_s": statistics.median(wall[lab]),
+                         "cpu_steps_per_s": statistics.median(cpu[lab]),
+                         "ratio": ratio, "ratio_min": min(per["wall"]),
+                         "ratio_max": max(per["wall"]),
+                         "cpu_ratio": statistics.median(per["cpu"]),
+                         "cpu_ratio_min": min(per["cpu"]), "cpu_ratio_max": max(per["cpu"]),
+                         "target": target,
+                         "meets": None if target is None else bool(ratio >= target),
+                         "samples": wall[lab], "cpu_samples": cpu[lab]})
+        del models
     return rows
 
 
@@ -161,8 +188,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--agents", default="sac,ppo")
     p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--steps", type=int, default=1000, help="timed env steps per measurement")
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--steps", type=int, default=1024,
+                   help="timed env steps per model and round (PPO: rounded up to rollouts)")
+    p.add_argument("--repeats", type=int, default=8, help="rounds")
     p.add_argument("--net-arch", default="64,64")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--eval-train-steps", type=int, default=300)
@@ -173,13 +201,17 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     net = [int(x) for x in a.net_arch.split(",")]
     rows = throughput(a.agents.split(","), a.methods.split(","), a.steps, a.repeats, net)
-    print(f"\nenv steps/s on task 1 after task 0 ({a.steps} timed steps, median of "
-          f"{a.repeats}, torch threads {a.threads}, net {net})")
-    print(f"{'agent':5} {'method':24} {'steps/s':>8} {'x plain':>8} {'target':>7} meets")
+    print(f"\nenv steps/s on task 1 after task 0 ({a.steps} timed steps, {a.repeats} repeats, "
+          f"torch threads {a.threads}, net {net}); ratio = method / plain SB3 of the same "
+          "repeat: median [min, max] over repeats; wall time (the target) and process CPU time")
+    print(f"{'agent':5} {'method':24} {'steps/s':>8} {'x plain (wall)':>22} "
+          f"{'x plain (CPU)':>22} {'target':>7} meets")
     for r in rows:
         tgt = "-" if r["target"] is None else f">={r['target']:.2f}"
         meets = "-" if r["meets"] is None else ("yes" if r["meets"] else "NO")
-        print(f"{r['agent']:5} {r['method']:24} {r['steps_per_s']:8.0f} {r['ratio']:8.3f} "
+        wall = f"{r['ratio']:.3f} [{r['ratio_min']:.2f}, {r['ratio_max']:.2f}]"
+        cpu = f"{r['cpu_ratio']:.3f} [{r['cpu_ratio_min']:.2f}, {r['cpu_ratio_max']:.2f}]"
+        print(f"{r['agent']:5} {r['method']:24} {r['steps_per_s']:8.0f} {wall:>22} {cpu:>22} "
               f"{tgt:>7} {meets}")
     out: dict[str, Any] = {"throughput": rows}
     if not a.skip_eval_share:

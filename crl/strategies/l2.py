@@ -41,6 +41,37 @@ def check_max_samples(max_samples: int | None) -> int | None:
     return int(max_samples)
 
 
+class _Quadratic(torch.autograd.Function):
+    """λ Σ_i ‖s_i ⊙ (θ_i − a_i)‖² with s = √w (s = None: w = 1), and its gradient
+    2 λ s ⊙ s ⊙ (θ − a), each in a few multi-tensor ``torch._foreach_*`` kernels over all
+    protected tensors at once.
+
+    The penalty runs on every update; written as ordinary autograd it costs about four graph
+    nodes per parameter tensor forward and as many backward (measured 2x slower on the PPO
+    trunk of 4 tensors, which made the penalty ~5% of a whole PPO update).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        lam: float,
+        anchors: list[torch.Tensor],
+        scales: list[torch.Tensor] | None,
+        *params: torch.Tensor,
+    ) -> torch.Tensor:
+        scaled = torch._foreach_sub(params, anchors)
+        if scales is not None:
+            torch._foreach_mul_(scaled, scales)
+        ctx.lam, ctx.scales, ctx.scaled = lam, scales, scaled
+        return torch.stack(torch._foreach_norm(scaled)).square().sum() * lam
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        g = ctx.scaled if ctx.scales is None else torch._foreach_mul(ctx.scaled, ctx.scales)
+        g = torch._foreach_mul(g, grad * (2.0 * ctx.lam))
+        return (None, None, None, *g)
+
+
 class AnchoredPenalty(Strategy):
     """λ Σ_terms Σ w (θ − θ*)² over the protected parameters.
 
@@ -61,6 +92,8 @@ class AnchoredPenalty(Strategy):
         self._weights: list[torch.Tensor] | None = None
         self._anchor: list[torch.Tensor] = []
         self._offset: float = 0.0
+        #: √w, built from the weights on first use after each change (see _Quadratic)
+        self._scales: list[torch.Tensor] | None = None
 
     # -- parameters ------------------------------------------------------------------------
     def bind(self, host: Host) -> AnchoredPenalty:
@@ -95,6 +128,7 @@ class AnchoredPenalty(Strategy):
             self._anchor = [a.to(d) for a, d in zip(self._anchor, dev, strict=True)]
             if self._weights is not None:
                 self._weights = [w.to(d) for w, d in zip(self._weights, dev, strict=True)]
+            self._scales = None
         return self._params
 
     # -- the quadratic ---------------------------------------------------------------------
@@ -106,6 +140,7 @@ class AnchoredPenalty(Strategy):
         """Merge :meth:`terms` into (W, m, c); see the class docstring."""
         terms = list(self.terms())
         self._params = None
+        self._scales = None
         if not terms:
             self._weights, self._anchor, self._offset = None, [], 0.0
             return
@@ -141,16 +176,12 @@ class AnchoredPenalty(Strategy):
         if not self._anchor:
             return None
         params = self._live_params()
-        if self._weights is None:
-            total = sum((p - a).square().sum() for p, a in zip(params, self._anchor, strict=True))
-        else:
-            total = sum(
-                (w * (p - a).square()).sum()
-                for p, w, a in zip(params, self._weights, self._anchor, strict=True)
-            )
+        if self._weights is not None and self._scales is None:
+            self._scales = [w.sqrt() for w in self._weights]  # once per task, not per update
+        total = _Quadratic.apply(self.lam, self._anchor, self._scales, *params)
         if self._offset:
-            total = total + self._offset
-        return self.lam * total  # type: ignore[return-value]
+            total = total + self.lam * self._offset
+        return total
 
     # -- checkpoints -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

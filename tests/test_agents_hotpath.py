@@ -1,0 +1,120 @@
+"""The agents' hot-path shortcuts give the same numbers as the general path, and `crl train`'s
+RL method defaults reach the strategy."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch.func import vmap
+
+from agents.heads import MultiHeadLinear, task_index_from_obs, uniform_task
+from agents.method_defaults import RL_METHOD_DEFAULTS, agent_batch_size, rl_method_options
+from agents.ppo import ContinualPPO
+from agents.runner import RunConfig, make_agent
+from envs.continual import ContinualEnv
+from envs.registry import get_sequence
+
+
+# -- heads ----------------------------------------------------------------------------------
+def test_uniform_task_is_an_int_only_for_single_task_batches():
+    assert uniform_task(torch.tensor([2, 2, 2])) == 2
+    assert isinstance(uniform_task(torch.tensor([2, 2, 2])), int)
+    mixed = torch.tensor([0, 2, 2])
+    assert uniform_task(mixed) is mixed
+    empty = torch.zeros(0, dtype=torch.long)
+    assert uniform_task(empty) is empty
+    obs = torch.cat([torch.randn(5, 3), torch.eye(4)[[1, 1, 1, 1, 1]]], dim=1)
+    assert uniform_task(task_index_from_obs(obs, 4)) == 1
+
+
+def test_uniform_task_inside_vmap_keeps_the_tensor():
+    seen = []
+
+    def one(t: torch.Tensor) -> torch.Tensor:
+        out = uniform_task(t)
+        seen.append(type(out))
+        return t * 1
+
+    vmap(one)(torch.tensor([1, 1, 1]))
+    assert seen == [torch.Tensor]  # values cannot be read inside the transform
+
+
+def test_one_task_shortcut_equals_the_mixed_batch_bit_for_bit():
+    """A sample's output and its head's gradient do not depend on the other samples' tasks:
+    the per-task path (int) and the mixed path (gather) run the same F.linear per head."""
+    torch.manual_seed(0)
+    heads = MultiHeadLinear(16, 3, 4)
+    x = torch.randn(12, 16)
+    task = torch.tensor([0, 1, 2, 3, 2, 1, 0, 3, 3, 1, 2, 0])
+    mixed = heads(x, task)
+    for t in range(4):
+        rows = task == t
+        alone = heads(x[rows], t)
+        assert torch.equal(alone, mixed[rows]), t
+        assert torch.equal(alone, heads(x[rows], torch.full((int(rows.sum()),), t)))
+    # gradients: only the used head, identical either way
+    heads.zero_grad()
+    heads(x[:4], 2).pow(2).sum().backward()
+    g_int = heads.weight.grad.clone()
+    heads.zero_grad()
+    heads(x[:4], torch.tensor([2, 2, 2, 2])).pow(2).sum().backward()
+    assert torch.equal(g_int, heads.weight.grad)
+    assert float(g_int[[0, 1, 3]].abs().sum()) == 0.0 and float(g_int[2].abs().sum()) > 0
+    with pytest.raises(IndexError, match="no head"):
+        heads(x, 4)
+
+
+# -- PPO host ---------------------------------------------------------------------------------
+def _ppo(**kw) -> ContinualPPO:
+    env = ContinualEnv(get_sequence("CartPoleSwap", steps_per_task=64), append_task_id=True)
+    return ContinualPPO("MlpPolicy", env, num_tasks=2, n_steps=64, batch_size=32, seed=0,
+                        policy_kwargs={"net_arch": [16]}, **kw)
+
+
+def test_ppo_host_selection_is_cached_and_follows_option_and_policy_changes():
+    agent = _ppo()
+    host = agent.host
+    first = host.protected_parameters()
+    assert set(first) == {"mlp_extractor.policy_net.0.weight", "mlp_extractor.policy_net.0.bias"}
+    first.clear()  # callers get a copy: the cache cannot be mutated from outside
+    assert len(host.protected_parameters()) == 2
+    assert host.trained_parameters() == list(agent.policy.parameters())
+    agent.regularize_critic = True
+    assert "mlp_extractor.value_net.0.weight" in host.protected_parameters()
+    agent.policy = type(agent.policy)(**agent.policy._get_constructor_parameters())
+    new = host.protected_parameters()
+    assert all(p is dict(agent.policy.named_parameters())[n] for n, p in new.items())
+
+
+# -- RL method defaults -------------------------------------------------------------------------
+def test_rl_defaults_reach_the_strategy_and_user_options_win():
+    seq = get_sequence("CartPoleSwap", steps_per_task=64)
+    env = seq.make_env(append_task_id=True)
+    base = RunConfig(sequence="CartPoleSwap", agent="ppo", net_arch=(16,),
+                     agent_options={"n_steps": 64, "batch_size": 16})
+    ewc = make_agent(base.replace(method="ewc"), env, seq)
+    assert ewc.strategy.lam == RL_METHOD_DEFAULTS["ppo"]["ewc"]["lam"]
+    mine = make_agent(base.replace(method="ewc", method_options={"ewc": {"lam": 3.0}}), env, seq)
+    assert mine.strategy.lam == 3.0
+    agem = make_agent(base.replace(method="agem"), env, seq)
+    assert agem.strategy.batch_size == 16  # the agent's own minibatch
+    assert rl_method_options("sac", "l2") == {"lam": 1e5}
+    assert rl_method_options("sac", "agem", {"batch_size": 7})["batch_size"] == 7
+    assert agent_batch_size("ppo", {}) == 64 and agent_batch_size("sac", {}) == 256
+    with pytest.raises(ValueError, match="unknown agent"):
+        rl_method_options("dqn", "l2")
+
+
+def test_wandb_weave_suggestion_is_switched_off(tmp_path, capsys, monkeypatch):
+    """wandb mistakes our `agents` package for the OpenAI Agents SDK and prints a Weave
+    advert at init; the tracker sets wandb's documented switch."""
+    from crl.tracking import RunTracker
+
+    monkeypatch.delenv("WANDB_DISABLE_WEAVE", raising=False)
+    with RunTracker(tmp_path / "run", {"a": 1}, wandb_mode="offline", project="t") as tracker:
+        tracker.log({"x": 1.0}, step=1)
+    out = capsys.readouterr()
+    assert os.environ["WANDB_DISABLE_WEAVE"] == "true"
+    assert "Detected [" not in out.out + out.err
