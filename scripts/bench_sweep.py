@@ -4,7 +4,9 @@ and with 2 CPUs, measured side by side in one invocation; prints wall times and 
 Each setting gets a fresh Ray instance and a fresh output folder (so no run is skipped as
 finished), one run per CPU (``resources: {num_cpus: 1}``, one torch thread per run). Ray's
 start-up is timed apart from the sweep itself. ``--repeats R`` alternates the settings
-(1, 2, 1, 2, ...) so that drifting load on a shared machine hits both alike.
+(1, 2, 1, 2, ...) so that drifting load on a shared machine hits both alike, and each repeat
+first measures how much parallelism the machine has to give at that moment (two busy
+processes against one): on cores shared with other work that, not Ray, bounds the ratio.
 
 Presets:
 - ``supervised`` (default): split-MNIST, 5 tasks, 3 epochs per task, 400-400 MLP, methods
@@ -52,6 +54,28 @@ def preset(name: str, data_dir: str | None) -> dict[str, Any]:
         "grid": {"method": ["finetune", "ewc"], "seed": [0, 1]},
         "retries": 0, "resources": {"num_cpus": 1},
     }
+
+
+def _burn(n: int) -> float:
+    start = time.perf_counter()
+    x = 0
+    for i in range(n):
+        x += i * i
+    return time.perf_counter() - start
+
+
+def parallel_capacity(n: int = 10_000_000) -> float:
+    """Throughput of 2 CPU-bound processes over 1 at this moment (2.0 on 2 idle cores): the
+    ceiling of the sweep's 1-vs-2 CPU ratio on a machine shared with other work."""
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(2) as pool:
+        pool.map(_burn, [1000, 1000])  # workers started before timing
+        one = pool.apply(_burn, (n,))
+        t0 = time.perf_counter()
+        pool.map(_burn, [n, n])
+        two = time.perf_counter() - t0
+    return 2 * one / two
 
 
 def measure(config: Any, cpus: int, out: Path) -> dict[str, Any]:
@@ -104,9 +128,12 @@ def main() -> None:
           + ", ".join(r.run_id for r in config.runs), flush=True)
     rows = []
     for rep in range(args.repeats):
+        capacity = parallel_capacity()
+        print(f"repeat {rep}: 2 busy processes get {capacity:.2f}x the throughput of one "
+              "right now (ceiling of the ratio below)", flush=True)
         for cpus in (1, 2):
             row = measure(config, cpus, args.out / f"cpus{cpus}-rep{rep}")
-            row["repeat"] = rep
+            row["repeat"], row["parallel_capacity"] = rep, capacity
             rows.append(row)
             print(f"repeat {rep}, {cpus} CPU(s): sweep {row['sweep_wall_s']:.1f} s (Ray start "
                   f"{row['ray_start_s']:.1f} s), mean run {row['mean_run_s']:.1f} s wall / "
@@ -125,8 +152,10 @@ def main() -> None:
         run_wall = sum(r["mean_run_s"] for r in mine) / len(mine)
         run_cpu = sum(r["mean_run_cpu_s"] for r in mine) / len(mine)
         print(f"{c:>4} {mean[c]:>13.1f} {run_wall:>11.1f} {run_cpu:>10.1f}")
+    caps = [r["parallel_capacity"] for r in rows if r["cpus"] == 1]
     print(f"ratio wall(1 CPU) / wall(2 CPUs) = {ratio:.2f} (ideal 2.00 for "
-          f"{len(config.runs)} equal runs on 2 free cores)")
+          f"{len(config.runs)} equal runs on 2 free cores; the machine gave 2 processes "
+          f"{sum(caps) / len(caps):.2f}x the throughput of one meanwhile)")
     (args.out / "bench_sweep.json").write_text(json.dumps(
         {"preset": args.preset, "runs": [r.run_id for r in config.runs], "rows": rows,
          "mean_wall_s": mean, "ratio_1_over_2": ratio, "cpu_count": os.cpu_count()},
