@@ -79,7 +79,9 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def _value(term: torch.Tensor | float) -> float:
-    return float(term.detach().sum()) if isinstance(term, torch.Tensor) else float(term)
+    if isinstance(term, torch.Tensor):  # item() of a scalar: the one sync, no extra op
+        return term.item() if term.numel() == 1 else float(term.detach().sum())
+    return float(term)
 
 
 class ContinualAgent:

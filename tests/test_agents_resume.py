@@ -27,10 +27,10 @@ import torch
 from click.testing import CliRunner
 from stable_baselines3.common.logger import Logger
 
-from agents.checkpoint import agent_state, load_agent_state
-from agents.runner import RunConfig, RunFailed, make_agent, train
+from agents.checkpoint import agent_state, load_agent_state, restore_agent, save_agent
+from agents.runner import RunConfig, RunFailed, load_agent, make_agent, train
 from agents.sac import ContinualSAC
-from crl.checkpoint import CheckpointError, checkpoint_path, load_checkpoint, save_checkpoint
+from crl.checkpoint import CheckpointError, checkpoint_path, load_checkpoint
 from crl.cli import main
 from envs.registry import get_sequence
 
@@ -194,6 +194,18 @@ def test_ppo_checkpoints_hold_the_update_boundary_state(ppo_runs: dict[str, Any]
     assert ckpt["record"]["steps"][-1] <= ckpt["num_timesteps"]
 
 
+def test_load_agent_rebuilds_the_agent_of_a_run(ppo_runs: dict[str, Any]) -> None:
+    agent = load_agent(ppo_runs["pristine"])
+    ckpt = load_checkpoint(checkpoint_path(ppo_runs["pristine"]))
+    for name, value in agent.policy.state_dict().items():
+        assert torch.equal(value, ckpt["agent"]["policy"][name]), name
+    assert agent.strategy.name == "ewc" and agent.current_task == 1 and agent.task_running
+    assert agent.num_timesteps == ckpt["num_timesteps"] > 1024
+    assert agent.env.envs[0].unwrapped.global_step == agent.num_timesteps
+    action, _ = agent.predict(agent._last_obs, deterministic=True)
+    assert action.shape == (1,)
+
+
 def _assert_refused(run_dir: Path, args: list[str], code: int, *needles: str) -> str:
     before = _files(run_dir)
     result = _invoke(args)
@@ -239,6 +251,47 @@ def test_resume_of_a_finished_run_says_so(ppo_runs: dict[str, Any]) -> None:
                                                   str(ppo_runs["reference"])], 0,
                           "already finished (results.json, performance P(T)")
     assert "nothing to resume" in out
+
+
+class _Crash(BaseException):
+    """Stands for a kill: nothing of the run catches it."""
+
+
+def test_resume_from_the_first_checkpoint_and_a_task_boundary(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Checkpoint 1 is taken after the evaluation at step 0, checkpoint 2 at the boundary
+    after task 0 (end_task, evaluation): a run dying right after either resumes exactly."""
+    import agents.runner as runner
+
+    config = RunConfig(sequence="CartPoleSwap", agent="ppo", method="l2", seed=4,
+                       steps_per_task=256, eval_every=128, eval_episodes=1, net_arch=(8,),
+                       agent_options={"n_steps": 128, "batch_size": 64, "n_epochs": 1},
+                       checkpoint_every=0, wandb="disabled", progress=False)
+    original = runner.save_checkpoint
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain = train(config.replace(run_path=str(tmp_path / "plain")))
+        for crash_after in (1, 2):
+            def save_then_crash(path: Path, payload: dict[str, Any], after: int = crash_after,
+                                saves: list[int] = [0]) -> int:  # noqa: B006 - per loop
+                size = original(path, payload)
+                saves[0] += 1
+                if saves[0] == after:
+                    raise _Crash
+                return size
+
+            run = tmp_path / f"crashed-{crash_after}"
+            monkeypatch.setattr(runner, "save_checkpoint", save_then_crash)
+            with pytest.raises(_Crash):
+                train(config.replace(run_path=str(run)))
+            monkeypatch.setattr(runner, "save_checkpoint", original)
+            ckpt = load_checkpoint(checkpoint_path(run))
+            assert ckpt["position"] == {"stage": crash_after - 1, "steps_done": 0,
+                                        "started": False}
+            resumed = runner.resume(run)
+            assert _rows(run) == _rows(tmp_path / "plain")
+            assert _results(run) == _results(tmp_path / "plain")
+            assert resumed.summary["final_performance"] == plain.summary["final_performance"]
 
 
 # -- divergence ------------------------------------------------------------------------------
@@ -306,8 +359,6 @@ def test_agent_state_through_a_file_continues_bit_for_bit(kind: str, method: str
                                                           tmp_path: Path) -> None:
     """Half of task 1 -> checkpoint file (weights_only load) -> a fresh agent continues
     exactly as the original does: same weights and strategy state after end_task."""
-    from crl.checkpoint import rng_state, set_rng_state
-
     if kind == "sac":
         options: dict[str, Any] = {"exploration_steps": 20, "batch_size": 16,
                                    "buffer_size": 300}
@@ -322,13 +373,11 @@ def test_agent_state_through_a_file_continues_bit_for_bit(kind: str, method: str
     a.end_task(0)
     a.start_task(1)
     a.learn(steps // 2, reset_num_timesteps=False)
-    save_checkpoint(tmp_path / "a.pt", {"agent": agent_state(a), "rng": rng_state()})
+    save_agent(a, tmp_path / "a.pt")  # agent state + global RNGs, atomically
     a.learn(steps - steps // 2, reset_num_timesteps=False)
     a.end_task(1)
     b, _ = build()
-    state = load_checkpoint(tmp_path / "a.pt")
-    assert load_agent_state(b, state["agent"]) == []
-    set_rng_state(state["rng"])
+    assert restore_agent(b, tmp_path / "a.pt") == []
     b.learn(steps - steps // 2, reset_num_timesteps=False)
     b.end_task(1)
     for (name, x), y in zip(a.policy.state_dict().items(), b.policy.state_dict().values(),
