@@ -47,7 +47,7 @@ PPO_ARGS = ["--sequence", "CartPoleSwap", "--agent", "ppo", "--method", "ewc", "
 
 PENDULUM_PAIR = """\
 name: PendulumPair
-steps_per_task: 300
+steps_per_task: 200
 tasks:
   - env_id: Pendulum-v1
     name: pendulum
@@ -65,9 +65,9 @@ tasks:
 
 def _sac_args(sequence: Path) -> list[str]:
     return ["--sequence", str(sequence), "--agent", "sac", "--method", "replay", "--seed", "1",
-            "--exploration-steps", "50", "--batch-size", "32", "--buffer-size", "400",
-            "--net-arch", "32", "--eval-every", "150", "--eval-episodes", "1",
-            "--checkpoint-every", "40", "--wandb", "disabled", "--no-progress",
+            "--exploration-steps", "40", "--batch-size", "32", "--buffer-size", "250",
+            "--net-arch", "32", "--eval-every", "100", "--eval-episodes", "1",
+            "--checkpoint-every", "30", "--wandb", "disabled", "--no-progress",
             "--torch-threads", "1", "--reference-dir", str(sequence.parent / "refs")]
 
 
@@ -174,7 +174,7 @@ def test_killed_mid_task_and_resumed_equals_the_uninterrupted_run(runs: str,
     assert resumed["final_performance"] is not None and resumed["mean_forgetting"] is not None
     info = json.loads((killed / "results.json").read_text())["resumed"]
     assert info["exact"] is True and info["notes"] == []
-    assert info["from_step"] == r["resumed_from"] > (1024 if runs == "ppo_runs" else 300)
+    assert info["from_step"] == r["resumed_from"] > (1024 if runs == "ppo_runs" else 200)
     assert (killed / "plots" / "task_curves.png").stat().st_size > 10_000
 
 
