@@ -316,8 +316,8 @@ def _prime_sticky_action(env: Any, action: Any) -> None:
     """
     layers = list(_layers(env))
     base = layers[-1]
-    if _family(base) != "atari":
-        return
+    if _family(base) != "atari" or getattr(base, "continuous", False):
+        return  # continuous ALE actions (paddle strengths) are not primed
     for layer in layers[:-1]:  # the action as the base env receives it
         if isinstance(layer, gym.ActionWrapper):
             action = layer.action(action)
