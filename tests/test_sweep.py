@@ -198,10 +198,10 @@ def _wandb_run_record(run_dir: Path):
     return _by_type(_wandb_records(path), "run")[0]
 
 
-@pytest.mark.skipif("run_path" not in click_params("supervised"),
-                    reason="crl supervised has no --run-path in this checkout")
 def test_sweep_on_local_ray_retries_the_failing_run_and_completes_the_others(
         tmp_path: Path, tiny_mnist_dir) -> None:
+    pytest.importorskip("ray", reason="the `ray` extra is not installed")
+    assert {"run_path", "resume"} <= click_params("supervised")
     path = _write(tmp_path / "tiny.yaml", _supervised_sweep(tmp_path, tiny_mnist_dir))
     env = dict(os.environ, COLUMNS="200", HOME=str(tmp_path / "home"),
                WANDB_CONFIG_DIR=str(tmp_path / "wandb-config"),
