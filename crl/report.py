@@ -234,7 +234,9 @@ def group_key(run: RunData) -> tuple[str, str, str, str]:
 _VOLATILE = {"seed", "run_dir", "group", "progress", "wandb", "wandb_project", "data_dir",
              "download", "device", "torch_threads", "reference_dir", "save_model",
              "score_bounds", "method_options", "resolved_method_options", "trainer.progress",
-             "require_references", "resume", "checkpoint_every"}
+             "require_references", "resume", "checkpoint_every", "run_path",
+             "trainer.checkpoint_every", "trainer.torch_threads", "checkpoint_buffer",
+             "method_options_resolved"}
 
 
 def _flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
