@@ -280,6 +280,26 @@ def _group_notes(runs: Sequence[RunData], specs: Sequence[MetricSpec]) -> list[s
     return notes
 
 
+def split_by_settings(
+    groups: Mapping[tuple[str, str, str, str], list[RunData]],
+) -> dict[tuple[str, str, str, str], list[RunData]]:
+    """Runs of one method that differ in other settings (a sweep's overrides: heads, learning
+    rate, steps...) are different experiments, not seeds: each variant gets its own row,
+    labelled with the settings that tell them apart."""
+    out: dict[tuple[str, str, str, str], list[RunData]] = {}
+    for key, members in groups.items():
+        flat = [_flatten(r.config) for r in members]
+        differ = [k for k in sorted(set().union(*flat)) if len({f.get(k) for f in flat}) > 1]
+        if not differ:
+            out[key] = list(members)
+            continue
+        for run, f in zip(members, flat, strict=True):
+            parts = [f"{k.rsplit('.', 1)[-1]}={json.loads(f[k]) if k in f else '-'}"
+                     for k in differ]
+            out.setdefault((*key[:3], f"{key[3]} [{', '.join(parts)}]"), []).append(run)
+    return out
+
+
 def _method_order(label: str) -> tuple[int, str]:
     from crl.strategies import METHODS
 
@@ -294,6 +314,7 @@ def build_rows(runs: Sequence[RunData]) -> list[ReportRow]:
     groups: dict[tuple[str, str, str, str], list[RunData]] = {}
     for run in runs:
         groups.setdefault(group_key(run), []).append(run)
+    groups = split_by_settings(groups)
     rows = []
     for key in sorted(groups, key=lambda k: (k[0] != RL, k[1], k[2], _method_order(k[3]))):
         members = sorted(groups[key], key=lambda r: (r.seed is None, r.seed or 0, r.source))

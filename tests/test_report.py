@@ -236,7 +236,7 @@ def test_unfinished_and_broken_runs_are_skipped_with_reasons(rl_runs: Path,
     assert "skipped" in console.file.getvalue()
 
 
-def test_method_options_split_groups_and_settings_differences_are_noted(tmp_path: Path) -> None:
+def test_method_options_and_other_settings_split_groups(tmp_path: Path) -> None:
     root = tmp_path / "r"
     write_rl_run(root, "a", method="ewc", seed=0, perf=0.5, forgetting=0.1, ft=0.0)
     write_rl_run(root, "b", method="ewc", seed=1, perf=0.6, forgetting=0.2, ft=0.0,
@@ -247,12 +247,17 @@ def test_method_options_split_groups_and_settings_differences_are_noted(tmp_path
     c["agent_options"]["multi_head"] = False
     (root / "a" / "config.yaml").write_text(yaml.safe_dump(c))
     write_rl_run(root, "d", method="ewc", seed=0, perf=0.7, forgetting=0.3, ft=0.0)
+    write_rl_run(root, "e", method="ewc", seed=0, perf=0.9, forgetting=0.0, ft=0.0)
     res = report([root], tmp_path / "out", console=quiet(), plots=False)
     keys = [(r.agent, r.method, len(r.runs)) for r in res.rows]
-    assert keys == [("ppo", "ewc", 1), ("sac", "ewc", 2), ("sac", "ewc (lam=100, mode=online)", 1)]
-    notes = " ".join(res.rows[1].notes)
+    # a sweep override (here the heads) is another experiment, not another seed: own row
+    assert keys == [("ppo", "ewc", 1), ("sac", "ewc (lam=100, mode=online)", 1),
+                    ("sac", "ewc [multi_head=False]", 1), ("sac", "ewc [multi_head=True]", 2)]
+    assert res.rows[2].metrics["performance"].mean == pytest.approx(0.5)
+    assert res.rows[3].metrics["performance"].mean == pytest.approx(0.8)
+    notes = " ".join(res.rows[3].notes)
     assert "seed(s) [0] appear more than once" in notes
-    assert "agent_options.multi_head" in notes
+    assert "settings differ" not in notes
     assert res.plot_paths == []
 
 
