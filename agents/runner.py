@@ -66,8 +66,15 @@ from crl.checkpoint import (
 )
 from crl.metrics import EvalHistory, bootstrap_ci, summarize
 from crl.plots import plot_task_curves
+from crl.runs import (  # noqa: F401 - re-exported for callers of this module
+    RunFailed,
+    RunFinished,
+    holds_run,
+    read_run_config,
+    record_failure,
+)
 from crl.strategies import strategy_class
-from crl.tracking import RunTracker, atomic_write_text, to_builtin
+from crl.tracking import RunTracker, to_builtin
 
 if TYPE_CHECKING:
     from envs.sequence import TaskSequence
@@ -614,29 +621,6 @@ def run_dir_for(config: RunConfig, sequence: TaskSequence) -> tuple[Path, str, s
     return Path(config.run_dir) / group / f"{name}-{stamp}-{os.getpid()}", group, name
 
 
-class RunFinished(Exception):
-    """:func:`resume` on a run that already wrote its results; nothing was run."""
-
-    def __init__(self, run_dir: Path, results: dict[str, Any]) -> None:
-        super().__init__(f"the run in {run_dir} already finished (results.json exists); "
-                         "nothing to resume")
-        self.run_dir = run_dir
-        self.results = results
-
-
-class RunFailed(FloatingPointError):
-    """Training diverged (a nan/inf loss). The run directory keeps its last good checkpoint
-    (``checkpoint``, None if none was written) and ``failed.json``; no results.json."""
-
-    def __init__(self, message: str, *, run_dir: Path, checkpoint: Path | None,
-                 task: int | None, step: int | None) -> None:
-        super().__init__(message)
-        self.run_dir = run_dir
-        self.checkpoint = checkpoint
-        self.task = task
-        self.step = step
-
-
 @dataclass
 class _Plan:
     """What a run is, resolved before anything is written: sequence, scores, references."""
@@ -704,14 +688,6 @@ def _plan(config: RunConfig, bounds: Mapping[str, Any] | None = None) -> _Plan:
                  name)
 
 
-#: Files whose presence means a folder holds a run.
-_RUN_FILES = ("config.yaml", "metrics.jsonl", "results.json", "checkpoints")
-
-
-def holds_run(path: str | Path) -> bool:
-    return any((Path(path) / f).exists() for f in _RUN_FILES)
-
-
 def train(config: RunConfig, *, run_dir: str | Path | None = None,
           keep_agent: bool = False) -> RunResult:
     """Train ``config.agent`` with ``config.method`` on the sequence; evaluate; report.
@@ -725,10 +701,9 @@ def train(config: RunConfig, *, run_dir: str | Path | None = None,
         path = run_dir_for(config, plan.sequence)[0]
     else:
         path = Path(explicit)
-        if holds_run(path):
+        if existing := holds_run(path):
             raise ConfigError(
-                f"{path} already holds a run ("
-                f"{', '.join(f for f in _RUN_FILES if (path / f).exists())}); continue it with "
+                f"{path} already holds a run ({', '.join(existing)}); continue it with "
                 f"`crl train --resume {path}`, or choose another --run-path"
             )
     return _execute(plan, Path(path), keep_agent=keep_agent)
@@ -741,21 +716,8 @@ def config_fields(saved: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def load_run_config(run_dir: str | Path) -> dict[str, Any]:
-    """A `crl train` run directory's config.yaml (a clear error for anything else)."""
-    import yaml
-
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml); give the "
-                                "folder `crl train` printed as its run directory")
-    try:
-        saved = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise CheckpointError(f"{path} is not valid YAML ({exc}); restore it") from exc
-    if not isinstance(saved, dict) or "agent" not in saved or "sequence" not in saved:
-        raise CheckpointError(f"{path} is not the config of a `crl train` run (a supervised "
-                              "run? resume it with `crl supervised --resume`)")
-    return saved
+    """A `crl train` run directory's config.yaml; anything else is a clear error."""
+    return read_run_config(run_dir, "train")
 
 
 def _merge(saved: Mapping[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
@@ -874,14 +836,12 @@ def _record_failure(run_dir: Path, exc: BaseException, ckpt_file: Path,
     task = getattr(exc, "task", None)
     step = getattr(exc, "step", None)
     has_ckpt = last["position"] is not None and ckpt_file.is_file()
-    record = {
-        "error": type(exc).__name__, "message": str(exc), "task": task, "step": step,
+    record_failure(run_dir, exc, {
+        "task": task, "step": step,
         "last_checkpoint": str(ckpt_file) if has_ckpt else None,
         "checkpoint_step": last["step"] if has_ckpt else None,
         "checkpoint_position": dataclasses.asdict(last["position"]) if has_ckpt else None,
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    atomic_write_text(run_dir / "failed.json", json.dumps(to_builtin(record), indent=1))
+    })
     if not isinstance(exc, FloatingPointError):
         return None
     where = "no checkpoint had been written" if not has_ckpt else (

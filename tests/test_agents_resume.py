@@ -243,7 +243,7 @@ def test_resume_refuses_bad_input_and_leaves_the_run_untouched(ppo_runs: dict[st
     (run / "metrics.jsonl").write_text("")
     _assert_refused(run, ["train", "--resume", str(run)], 1, "has 0 rows but the checkpoint")
     _assert_refused(tmp_path, ["train", "--resume", str(tmp_path)], 2,
-                    "is not a run directory (no config.yaml)")
+                    "is not a crl run directory (no config.yaml)")
 
 
 def test_resume_of_a_finished_run_says_so(ppo_runs: dict[str, Any]) -> None:

@@ -38,7 +38,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
 from crl import metrics
 from crl.checkpoint import (
@@ -49,6 +48,13 @@ from crl.checkpoint import (
     save_checkpoint,
 )
 from crl.plots import plot_average_and_forgetting
+from crl.runs import (  # noqa: F401 - re-exported for callers of this module
+    RunFailed,
+    RunFinished,
+    holds_run,
+    read_run_config,
+    record_failure,
+)
 from crl.strategies import make_strategy, strategy_class
 from crl.supervised.benchmarks import Benchmark, make_benchmark
 from crl.supervised.mnist import MNIST, load_mnist
@@ -60,13 +66,12 @@ from crl.supervised.trainer import (
     run_joint,
     run_sequence,
 )
-from crl.tracking import RunTracker, atomic_write_text, to_builtin
+from crl.tracking import RunTracker, to_builtin
 
 #: Config keys a resume may change: they do not change what the run computes.
 RESUME_MAY_CHANGE = ("trainer.progress", "trainer.checkpoint_every", "data_dir", "download",
                      "run_dir", "wandb")
 #: Files whose presence marks a directory as holding a run.
-RUN_MARKERS = ("config.yaml", "metrics.jsonl", "results.json", "checkpoints")
 
 JOINT = "joint"
 
@@ -195,33 +200,6 @@ def build_benchmark(config: SupervisedConfig, data: MNIST | None = None) -> Benc
     )
 
 
-class RunFinished(Exception):
-    """``resume_experiment`` on a run that already wrote its results; nothing was run."""
-
-    def __init__(self, run_dir: Path, results: dict[str, Any]) -> None:
-        super().__init__(f"the run in {run_dir} already finished (results.json exists); "
-                         "nothing to resume")
-        self.run_dir = run_dir
-        self.results = results
-
-
-class RunFailed(RuntimeError):
-    """Training failed; the run directory keeps ``failed.json`` and the last good checkpoint.
-
-    ``task``/``update`` locate a nan/inf (None for other failures); ``checkpoint`` is the
-    last good checkpoint (None if none was written) and ``position`` where it stands.
-    """
-
-    def __init__(self, message: str, *, run_dir: Path, task: int | None, update: int | None,
-                 checkpoint: Path | None, position: dict[str, Any] | None) -> None:
-        super().__init__(message)
-        self.run_dir = run_dir
-        self.task = task
-        self.update = update
-        self.checkpoint = checkpoint
-        self.position = position
-
-
 def resolved_config(config: SupervisedConfig, benchmark: Benchmark) -> dict[str, Any]:
     """What the run saves as config.yaml and in its checkpoints: the config plus what the
     benchmark and the method defaults made of it (JSON-able)."""
@@ -242,11 +220,6 @@ def data_fingerprint(benchmark: Benchmark) -> str:
         for t in (task.train_y, task.test_y, task.train_x[::97], task.test_x[::97]):
             h.update(t.contiguous().numpy().tobytes())
     return h.hexdigest()
-
-
-def holds_run(run_dir: str | Path) -> list[str]:
-    """The run files already in ``run_dir`` (empty if it holds no run)."""
-    return [m for m in RUN_MARKERS if (Path(run_dir) / m).exists()]
 
 
 def _build_model(config: SupervisedConfig, benchmark: Benchmark) -> MLPClassifier:
@@ -306,25 +279,8 @@ def run_experiment(
 
 
 def load_run_config(run_dir: str | Path) -> dict[str, Any]:
-    """A run directory's config.yaml; a missing or unreadable one is a clear error."""
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{run_dir} is not a crl run directory (no config.yaml); give the folder that "
-            "`crl supervised` printed (the one holding config.yaml and checkpoints/)"
-        )
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ValueError(f"{path} is not valid YAML ({exc}); restore it from the run") from exc
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} does not hold a mapping of config keys")
-    if "benchmark" not in data:
-        hint = ("; it is a `crl train` run: resume it with `crl train --resume`"
-                if "sequence" in data else "")
-        raise ValueError(f"{path} is not the config of a supervised run (no 'benchmark' "
-                         f"key){hint}")
-    return data
+    """A `crl supervised` run directory's config.yaml; anything else is a clear error."""
+    return read_run_config(run_dir, "supervised")
 
 
 def resume_experiment(
@@ -468,17 +424,13 @@ def _record_failure(run_dir: Path, exc: BaseException, ckpt_file: Path,
     task = getattr(exc, "task", None) if isinstance(exc, NonFiniteError) else None
     update = getattr(exc, "update", None) if isinstance(exc, NonFiniteError) else None
     has_ckpt = ckpt_file.is_file() and last["position"] is not None
-    record = {
-        "error": type(exc).__name__,
-        "message": str(exc),
+    record_failure(run_dir, exc, {
         "task": task,
         "update": update,
         "last_checkpoint": str(ckpt_file) if has_ckpt else None,
         "checkpoint_position": last["position"] if has_ckpt else None,
         "checkpoint_updates": last["updates"] if has_ckpt else None,
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    atomic_write_text(run_dir / "failed.json", json.dumps(to_builtin(record), indent=1))
+    })
     if not isinstance(exc, NonFiniteError):
         return None
     where = "no checkpoint was written before it" if not has_ckpt else (
@@ -489,7 +441,7 @@ def _record_failure(run_dir: Path, exc: BaseException, ckpt_file: Path,
         f"{run_dir / 'failed.json'}. Fix: start a new run with a lower "
         f"{_strength_flags(method)}; `crl supervised --resume {run_dir}` would continue "
         "from that checkpoint with the same settings, which diverge again",
-        run_dir=run_dir, task=task, update=update,
+        run_dir=run_dir, task=task, step=update,
         checkpoint=ckpt_file if has_ckpt else None,
         position=last["position"] if has_ckpt else None,
     )
