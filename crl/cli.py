@@ -205,19 +205,25 @@ def _supervised(**params: Any) -> None:
         console.print(f"comparison table: {write_csv(table, out / 'comparison.csv')}")
 
 
-def _supervised_run_options() -> list[click.Option]:
-    """Run-directory options of `crl supervised`: resume, exact path, checkpoints, threads."""
+def _run_dir_options(path_note: str, every: str) -> list[click.Option]:
+    """Run-directory options shared by `crl train` and `crl supervised`."""
     return [
         click.Option(["--resume"], type=click.Path(file_okay=False),
                      help="Continue the interrupted run in this run directory from its last "
-                     "checkpoint (its config.yaml gives the options; options given now must "
-                     "agree with it)."),
+                     "checkpoint, bit for bit (its config.yaml gives the options; options given "
+                     "now must agree with it)."),
         click.Option(["--run-path"], type=click.Path(file_okay=False),
-                     help="Exact directory of a new run (one method and one seed); it must not "
-                     "hold a run yet."),
+                     help=f"Exact directory of a new run{path_note}; it must not hold a run yet."),
         click.Option(["--checkpoint-every"], type=click.IntRange(min=0),
-                     help="Checkpoint every N updates besides every task boundary "
-                     "(0: boundaries only). [500]"),
+                     help=f"Checkpoint every {every} besides every task boundary "
+                     "(0: boundaries only)."),
+    ]
+
+
+def _supervised_run_options() -> list[click.Option]:
+    """Run-directory options of `crl supervised`: resume, exact path, checkpoints, threads."""
+    return [
+        *_run_dir_options(" (one method and one seed)", "N updates [500]"),
         click.Option(["--torch-threads"], type=click.IntRange(min=1),
                      help="torch intra-op threads; pin it for bit-exact resumes. "
                      "[torch's default]"),
@@ -550,15 +556,7 @@ def print_run_table(summary: dict[str, Any], title: str) -> None:
 def _train_run_options() -> list[click.Option]:
     """Run-directory options of `crl train`: resume, exact path, checkpoints."""
     return [
-        click.Option(["--resume"], type=click.Path(file_okay=False),
-                     help="Continue the interrupted run in this run directory from its last "
-                     "checkpoint, bit for bit (its config.yaml gives the options; options given "
-                     "now must agree with it)."),
-        click.Option(["--run-path"], type=click.Path(file_okay=False),
-                     help="Exact directory of a new run; it must not hold a run yet."),
-        click.Option(["--checkpoint-every"], type=click.IntRange(min=0),
-                     help="Checkpoint every N env steps (at the next update boundary) besides "
-                     "every task boundary (0: boundaries only). [100000]"),
+        *_run_dir_options("", "N env steps (at the next update boundary) [100000]"),
         click.Option(["--checkpoint-buffer/--no-checkpoint-buffer", "checkpoint_buffer"],
                      default=None, help="SAC: put the replay buffer in the checkpoints (large: "
                      "~840 MB for CW10's 1M transitions; without it a resume is not "
