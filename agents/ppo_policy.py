@@ -35,7 +35,7 @@ from stable_baselines3.common.torch_layers import CombinedExtractor
 from torch import nn
 from torch.distributions import Categorical, Independent, Normal
 
-from agents.heads import MultiHeadLinear, TaskIndex, task_index_from_obs, uniform_task
+from agents.heads import MultiHeadLinear, TaskIndex, batch_task
 
 #: Key of the task one-hot in a Dict observation (envs.ContinualEnv's convention).
 TASK_KEY = "task_id"
@@ -150,8 +150,8 @@ class _MultiHeadMixin:
     # -- task ids ----------------------------------------------------------------------------
     def task_index(self, obs: Obs) -> TaskIndex:
         """Each sample's task, from the one-hot it carries (argmax: no Python branching), or
-        one ``int`` when the batch has a single task (:func:`agents.heads.uniform_task`)."""
-        return uniform_task(task_index_from_obs(obs, self.num_tasks))
+        one ``int`` when the batch has a single task (:func:`agents.heads.batch_task`)."""
+        return batch_task(obs, self.num_tasks)
 
     # -- forward passes ----------------------------------------------------------------------
     def _latents(self, obs: Obs) -> tuple[torch.Tensor, torch.Tensor]:

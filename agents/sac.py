@@ -87,13 +87,18 @@ class SACHost:
             for group in opt.param_groups
             for p in group["params"]
         ]
+        self._touches: tuple[torch.optim.Optimizer, bool] | None = None
 
     @property
     def critic_step_touches_protected(self) -> bool:
-        """Whether the critic optimiser updates any protected parameter."""
-        protected = {id(p) for p in self._protected.values()}
+        """Whether the critic optimiser updates any protected parameter (asked every update:
+        answered once per critic optimiser)."""
         critic = self.agent.critic.optimizer
-        return any(id(p) in protected for g in critic.param_groups for p in g["params"])
+        if self._touches is None or self._touches[0] is not critic:
+            protected = {id(p) for p in self._protected.values()}
+            touches = any(id(p) in protected for g in critic.param_groups for p in g["params"])
+            self._touches = (critic, touches)
+        return self._touches[1]
 
     def _select_protected(self) -> dict[str, nn.Parameter]:
         multi = self.agent.multi_head
@@ -228,7 +233,8 @@ class ContinualSAC(ContinualAgent, SAC):
 
     def _excluded_save_params(self) -> list[str]:
         # Strategy state lives in continual_state_dict(); the host refers back to the agent.
-        return [*super()._excluded_save_params(), "strategy", "host", "_importance_rng"]
+        return [*super()._excluded_save_params(), "strategy", "host", "_importance_rng",
+                "_critic_fn_params"]
 
     # -- ContinualAgent hooks ------------------------------------------------------------
     def _make_host(self) -> SACHost:
@@ -298,9 +304,13 @@ class ContinualSAC(ContinualAgent, SAC):
     @contextlib.contextmanager
     def _critic_as_function(self) -> Iterator[None]:
         """The actor loss differentiates through Q(s, ·) but must not train the critic."""
-        params = [p for q in self.critic.q_networks for p in q.parameters()]
-        if not self.critic.share_features_extractor:
-            params += list(self.critic.features_extractor.parameters())
+        cached = getattr(self, "_critic_fn_params", None)
+        if cached is None or cached[0] is not self.critic:
+            params = [p for q in self.critic.q_networks for p in q.parameters()]
+            if not self.critic.share_features_extractor:
+                params += list(self.critic.features_extractor.parameters())
+            cached = self._critic_fn_params = (self.critic, params)
+        params = cached[1]
         flags = [p.requires_grad for p in params]
         for p in params:
             p.requires_grad_(False)

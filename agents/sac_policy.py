@@ -22,7 +22,7 @@ from stable_baselines3.common.type_aliases import PyTorchObs
 from stable_baselines3.sac.policies import LOG_STD_MAX, LOG_STD_MIN, Actor, SACPolicy
 from torch import nn
 
-from agents.heads import MultiHeadLinear, TaskIndex, task_index_from_obs, uniform_task
+from agents.heads import MultiHeadLinear, TaskIndex, TaskLookup
 
 
 def check_task_id_space(observation_space: spaces.Space, num_tasks: int) -> None:
@@ -52,13 +52,16 @@ def check_task_id_space(observation_space: spaces.Space, num_tasks: int) -> None
 class MultiHeadActor(Actor):
     """SAC actor whose ``mu`` and ``log_std`` layers have one head per task."""
 
-    def __init__(self, *args: Any, num_tasks: int, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, num_tasks: int, task_lookup: TaskLookup | None = None, **kwargs: Any
+    ) -> None:
         if kwargs.get("use_sde", False):
             raise ValueError(
                 "multi-head SAC does not support gSDE (use_sde=True); use multi_head=False"
             )
         super().__init__(*args, **kwargs)
         self.num_tasks = num_tasks
+        self.task_lookup = TaskLookup(num_tasks) if task_lookup is None else task_lookup
         last = self.net_arch[-1] if len(self.net_arch) > 0 else self.features_dim
         action_dim = get_action_dim(self.action_space)
         self.mu = MultiHeadLinear(last, action_dim, num_tasks)  # type: ignore[assignment]
@@ -71,7 +74,7 @@ class MultiHeadActor(Actor):
 
     def dist_params(self, obs: PyTorchObs) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, clamped log-std) of each sample's pre-tanh Gaussian, from its task's head."""
-        task = uniform_task(task_index_from_obs(obs, self.num_tasks))
+        task = self.task_lookup(obs)
         features = self.extract_features(obs, self.features_extractor)
         latent_pi = self.latent_pi(features)
         mean_actions = self.mu(latent_pi, task)
@@ -119,6 +122,7 @@ class MultiHeadContinuousCritic(ContinuousCritic):
         share_features_extractor: bool = True,
         *,
         num_tasks: int,
+        task_lookup: TaskLookup | None = None,
     ) -> None:
         # Build SB3's critic with no Q-network (n_critics=0), then add headed ones: the
         # parameters then are exactly features extractor + our networks.
@@ -135,6 +139,7 @@ class MultiHeadContinuousCritic(ContinuousCritic):
         )
         self.n_critics = n_critics
         self.num_tasks = num_tasks
+        self.task_lookup = TaskLookup(num_tasks) if task_lookup is None else task_lookup
         in_dim = features_dim + get_action_dim(self.action_space)
         self.q_networks = []
         for idx in range(n_critics):
@@ -143,14 +148,14 @@ class MultiHeadContinuousCritic(ContinuousCritic):
             self.q_networks.append(q_net)
 
     def forward(self, obs: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        task = uniform_task(task_index_from_obs(obs, self.num_tasks))
+        task = self.task_lookup(obs)
         with torch.set_grad_enabled(not self.share_features_extractor):
             features = self.extract_features(obs, self.features_extractor)
         qvalue_input = torch.cat([features, actions], dim=1)
         return tuple(q_net(qvalue_input, task) for q_net in self.q_networks)
 
     def q1_forward(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        task = uniform_task(task_index_from_obs(obs, self.num_tasks))
+        task = self.task_lookup(obs)
         with torch.no_grad():
             features = self.extract_features(obs, self.features_extractor)
         return self.q_networks[0](torch.cat([features, actions], dim=1), task)
@@ -163,6 +168,8 @@ class MultiHeadSACPolicy(SACPolicy):
         if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
             raise ValueError(f"num_tasks must be an integer >= 1, got {num_tasks!r}")
         self.num_tasks = num_tasks  # read by make_actor/make_critic during super().__init__
+        #: one lookup for the actor and every critic: an update asks each batch's task ~3x
+        self.task_lookup = TaskLookup(num_tasks)
         observation_space = args[0] if args else kwargs["observation_space"]
         check_task_id_space(observation_space, num_tasks)
         super().__init__(*args, **kwargs)
@@ -174,13 +181,15 @@ class MultiHeadSACPolicy(SACPolicy):
 
     def make_actor(self, features_extractor: BaseFeaturesExtractor | None = None) -> Actor:
         actor_kwargs = self._update_features_extractor(self.actor_kwargs, features_extractor)
-        return MultiHeadActor(**actor_kwargs, num_tasks=self.num_tasks).to(self.device)
+        return MultiHeadActor(**actor_kwargs, num_tasks=self.num_tasks,
+                              task_lookup=self.task_lookup).to(self.device)
 
     def make_critic(
         self, features_extractor: BaseFeaturesExtractor | None = None
     ) -> ContinuousCritic:
         critic_kwargs = self._update_features_extractor(self.critic_kwargs, features_extractor)
-        return MultiHeadContinuousCritic(**critic_kwargs, num_tasks=self.num_tasks).to(self.device)
+        return MultiHeadContinuousCritic(**critic_kwargs, num_tasks=self.num_tasks,
+                                         task_lookup=self.task_lookup).to(self.device)
 
 
 __all__ = [

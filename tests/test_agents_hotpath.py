@@ -9,7 +9,13 @@ import pytest
 import torch
 from torch.func import vmap
 
-from agents.heads import MultiHeadLinear, task_index_from_obs, uniform_task
+from agents.heads import (
+    MultiHeadLinear,
+    TaskLookup,
+    batch_task,
+    task_index_from_obs,
+    uniform_task,
+)
 from agents.method_defaults import RL_METHOD_DEFAULTS, agent_batch_size, rl_method_options
 from agents.ppo import ContinualPPO
 from agents.runner import RunConfig, make_agent
@@ -27,6 +33,44 @@ def test_uniform_task_is_an_int_only_for_single_task_batches():
     assert uniform_task(empty) is empty
     obs = torch.cat([torch.randn(5, 3), torch.eye(4)[[1, 1, 1, 1, 1]]], dim=1)
     assert uniform_task(task_index_from_obs(obs, 4)) == 1
+
+
+def _obs(tasks: list[int], n: int = 4) -> torch.Tensor:
+    return torch.cat([torch.randn(len(tasks), 3), torch.eye(n)[tasks]], dim=1)
+
+
+def test_batch_task_agrees_with_argmax_then_uniform():
+    for tasks in ([1, 1, 1], [0, 2, 2], [3], [0, 0, 1, 0]):
+        obs = _obs(tasks)
+        expected = uniform_task(task_index_from_obs(obs, 4))
+        got = batch_task(obs, 4)
+        assert type(got) is type(expected)
+        assert got == expected if isinstance(got, int) else torch.equal(got, expected)
+    bad = _obs([2, 2, 2])
+    bad[1, -4:] = 0.0  # a row without its one-hot is not "task 2": fall back to the argmax
+    assert torch.equal(batch_task(bad, 4), torch.tensor([2, 0, 2]))
+    both = _obs([1, 1])
+    both[0, -1] = 1.0  # not a one-hot: same answer as the argmax (first maximum)
+    assert batch_task(both, 4) == uniform_task(task_index_from_obs(both, 4)) == 1
+    image = {"observation": torch.zeros(2, 1, 4, 4), "task_id": torch.eye(3)[[2, 2]]}
+    assert batch_task(image, 3) == 2
+    with pytest.raises(KeyError, match="task_id"):
+        batch_task({"observation": torch.zeros(2, 3)}, 3)
+
+
+def test_task_lookup_reads_each_batch_once_and_sees_in_place_changes(monkeypatch):
+    import agents.heads as heads_module
+
+    calls = []
+    real = heads_module.batch_task
+    monkeypatch.setattr(heads_module, "batch_task", lambda o, n: calls.append(1) or real(o, n))
+    lookup = TaskLookup(4)
+    obs, nxt = _obs([1, 1]), _obs([2, 2])
+    assert [lookup(obs), lookup(nxt), lookup(nxt), lookup(obs), lookup(obs)] == [1, 2, 2, 1, 1]
+    assert len(calls) == 2
+    obs[:, -4:] = torch.eye(4)[[3, 3]]  # in place: a new version of the batch
+    assert lookup(obs) == 3 and len(calls) == 3
+    assert lookup(_obs([1, 1])) == 1 and len(calls) == 4  # equal content, new tensor
 
 
 def test_uniform_task_inside_vmap_keeps_the_tensor():
