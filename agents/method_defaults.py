@@ -9,20 +9,27 @@ Penalty convention everywhere: ``lam * sum_i w_i (theta_i - theta*_i)^2`` with n
 (``crl.strategies.l2``), added to the actor loss, which is a mean over the batch.
 
 - SAC: Continual World's values (Wołczyk et al. 2021, "Continual World: A Robotic Benchmark
-  For Continual Reinforcement Learning", hyper-parameter tables; the CW code's
-  ``cl_reg_coef``): L2 1e5, EWC 1e4, MAS 1e4. CW's regulariser has the same form (no 1/2,
-  summed over the actor trunk, added to the batch-mean actor loss) and the same EWC Fisher
-  for the pre-tanh Gaussian (1/sigma^2 (d mu)^2 + 2/sigma^2 (d sigma)^2), so its numbers carry
-  over. Differences: CW clips each sample's Fisher from below at 1e-5 and we do not; our
-  Gaussian MAS output norm is ||mu||^2 + ||sigma||^2 where CW's is ||mu||^2 + ||log sigma||^2,
-  so MAS's 1e4 is CW's number, not a calibrated one.
+  For Continual Reinforcement Learning"; ``cl_reg_coef`` in the CW repository's
+  ``examples/paper_cl_experiments.sh``): L2 1e5, EWC 1e4, MAS 1e4. CW's regulariser has the
+  same form (no 1/2, summed over the actor trunk, added to the batch-mean actor loss) and the
+  same EWC Fisher for the pre-tanh Gaussian (1/sigma^2 (d mu)^2 + 2/sigma^2 (d sigma)^2), so
+  its numbers carry over. Differences: CW clips each sample's Fisher from below at 1e-5 and
+  we do not; our Gaussian MAS output norm is ||mu||^2 + ||sigma||^2 where CW's is
+  ||mu||^2 + ||log sigma||^2, so MAS's 1e4 is CW's number, not a calibrated one.
 - PPO: calibrated on the README sequence (CartPoleSwap, single head, 20,480 steps per task,
-  seed 0; ``scripts/bench_forgetting.py --grid``): the largest strength on the grid whose
-  run still learns task 2 (its end-of-task score well above its start) while forgetting task
-  1 clearly less than finetune. CW's SAC strengths block PPO from learning the swapped task.
+  seed 0; ``scripts/bench_forgetting.py --seeds 0 --grid l2=... --grid ewc=... --grid
+  mas=...``, log-spaced from 1e-4 to 1e3). On that sequence the outcome is all or nothing:
+  below a threshold the run forgets task 1 as much as finetune (0.876) while learning task
+  2, above it task 1 is kept (forgetting -0.08) and task 2 is not learnt, and in between
+  (L2 0.2-0.5, EWC 30-300, MAS 1) it forgets task 1 and learns task 2 only partly. A single
+  head must output opposite actions for the same states, and the only task-dependent input
+  is the one-hot, which no penalty strength teaches the trunk to use within the budget. The
+  defaults are the smallest grid strengths that keep task 1 (L2 1, EWC 1000, MAS 3): with
+  `crl train`'s default multi-head policies the same strengths keep task 1 and learn task 2
+  (gain 0.954, as finetune), so they protect without blocking where the heads can separate.
 - A-GEM: the reference gradient uses as many memory samples as the agent's own training
-  batch (CW: episodic batch 128 = SAC batch 128), not the supervised 256: on PPO's minibatch
-  of 64 a reference batch of 256 quadrupled the cost of the extra forward/backward.
+  batch (CW: ``episodic_batch_size`` 128 = its SAC batch 128), not the supervised 256, which
+  on PPO's minibatch of 64 made the reference forward/backward four times the update's own.
 """
 
 from __future__ import annotations
@@ -34,9 +41,9 @@ from typing import Any
 #: agent -> method -> constructor options (before the user's).
 RL_METHOD_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
     "ppo": {
-        "l2": {"lam": 1000.0},
+        "l2": {"lam": 1.0},
         "ewc": {"lam": 1000.0},
-        "mas": {"lam": 100.0},
+        "mas": {"lam": 3.0},
     },
     "sac": {
         "l2": {"lam": 1e5},
