@@ -70,6 +70,11 @@ def batch_task(obs: torch.Tensor | dict[str, torch.Tensor], num_tasks: int) -> T
     rows = hot.shape[0]
     if rows == 0:
         return task_index_from_obs(obs, num_tasks)
+    if rows == 1:  # a rollout step of one env: read the row itself (one kernel call fewer)
+        row = hot.tolist()[0]
+        if row.count(1.0) == 1 and row.count(0.0) == num_tasks - 1:
+            return row.index(1.0)
+        return uniform_task(task_index_from_obs(obs, num_tasks))
     counts = hot.sum(dim=0).tolist()
     full = [t for t, c in enumerate(counts) if c == rows]
     if len(full) == 1 and sum(1 for c in counts if c != 0) == 1:
@@ -132,11 +137,28 @@ class MultiHeadLinear(nn.Module):
         bound = 1.0 / math.sqrt(in_features)
         nn.init.uniform_(self.weight, -bound, bound)
         nn.init.uniform_(self.bias, -bound, bound)
+        self._views: tuple[int, int, list[tuple[torch.Tensor, torch.Tensor]]] | None = None
+
+    def _head_views(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(weight, bias) views of every head, for forwards without autograd (rollouts,
+        evaluation, SAC's target critic): indexing the parameters costs two kernel calls
+        per head and call. Views share the parameters' storage, so optimiser steps and
+        ``load_state_dict`` show through; a new storage (``.to()``, ``.data =``) rebuilds them.
+        """
+        key = (self.weight.data_ptr(), self.bias.data_ptr())
+        if self._views is None or self._views[:2] != key:
+            with torch.no_grad():
+                views = [(self.weight[h], self.bias[h]) for h in range(self.num_heads)]
+            self._views = (*key, views)
+        return self._views[2]
 
     def forward(self, x: torch.Tensor, task: TaskIndex) -> torch.Tensor:
         if isinstance(task, int):
             if not 0 <= task < self.num_heads:
                 raise IndexError(f"task {task} has no head (num_heads={self.num_heads})")
+            if not torch.is_grad_enabled():
+                w, b = self._head_views()[task]
+                return F.linear(x, w, b)
             return F.linear(x, self.weight[task], self.bias[task])
         out = self.out_features
         every = torch.stack(

@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.func import vmap
 
 from agents.heads import (
@@ -108,6 +109,24 @@ def test_one_task_shortcut_equals_the_mixed_batch_bit_for_bit():
     assert float(g_int[[0, 1, 3]].abs().sum()) == 0.0 and float(g_int[2].abs().sum()) > 0
     with pytest.raises(IndexError, match="no head"):
         heads(x, 4)
+
+
+def test_no_grad_head_views_follow_every_change_of_the_parameters():
+    torch.manual_seed(1)
+    heads = MultiHeadLinear(5, 2, 3)
+    x = torch.randn(4, 5)
+    with torch.no_grad():
+        assert torch.equal(heads(x, 1), F.linear(x, heads.weight[1], heads.bias[1]))
+        heads.weight.add_(1.0)  # an optimiser step: in place, same storage
+        assert torch.equal(heads(x, 1), F.linear(x, heads.weight[1], heads.bias[1]))
+    heads.load_state_dict({"weight": torch.zeros(3, 2, 5), "bias": torch.ones(3, 2)})
+    with torch.no_grad():
+        assert torch.equal(heads(x, 2), torch.ones(4, 2))
+    heads.double()  # new storage: the views are rebuilt
+    with torch.no_grad():
+        out = heads(x.double(), 0)
+    assert out.dtype == torch.float64 and torch.equal(out, torch.ones(4, 2, dtype=torch.float64))
+    assert torch.equal(heads(x.double(), 0).detach(), out)  # grad mode: the same numbers
 
 
 # -- PPO host ---------------------------------------------------------------------------------
