@@ -145,15 +145,17 @@ class MultiHeadLinear(nn.Module):
         per head and call. Views share the parameters' storage, so optimiser steps and
         ``load_state_dict`` show through; a new storage (``.to()``, ``.data =``) rebuilds them.
         """
-        key = (self.weight.data_ptr(), self.bias.data_ptr())
-        if self._views is None or self._views[:2] != key:
+        weight, bias = self._parameters["weight"], self._parameters["bias"]
+        assert weight is not None and bias is not None
+        views = self._views
+        if views is None or views[0] != weight.data_ptr() or views[1] != bias.data_ptr():
             with torch.no_grad():
-                views = [(self.weight[h], self.bias[h]) for h in range(self.num_heads)]
-            self._views = (*key, views)
-        return self._views[2]
+                heads = [(weight[h], bias[h]) for h in range(self.num_heads)]
+            views = self._views = (weight.data_ptr(), bias.data_ptr(), heads)
+        return views[2]
 
     def forward(self, x: torch.Tensor, task: TaskIndex) -> torch.Tensor:
-        if isinstance(task, int):
+        if type(task) is int:  # noqa: E721 - exact type: a bool is no task index
             if not 0 <= task < self.num_heads:
                 raise IndexError(f"task {task} has no head (num_heads={self.num_heads})")
             if not torch.is_grad_enabled():
