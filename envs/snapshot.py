@@ -110,9 +110,10 @@ class _Codec:
         if isinstance(value, set | frozenset):
             return {"__t": "set", "frozen": isinstance(value, frozenset),
                     "items": [self.encode(v, where) for v in value]}
-        if type(value) is dict:
-            return {"__t": "dict", "items": [[self.encode(k, where), self.encode(v, f"{where}.{k}")]
-                                             for k, v in value.items()]}
+        if type(value) in (dict, collections.OrderedDict):  # SB3 keeps Dict observations in
+            return {"__t": "dict", "ordered": type(value) is collections.OrderedDict,  # ODicts
+                    "items": [[self.encode(k, where), self.encode(v, f"{where}.{k}")]
+                              for k, v in value.items()]}
         raise SnapshotError(f"{where} holds a {type(value).__module__}.{type(value).__name__}, "
                             "which is not plain data")
 
@@ -159,7 +160,8 @@ class _Codec:
             items = self.decode(value["items"])
             return frozenset(items) if value["frozen"] else set(items)
         if tag == "dict":
-            return {self.decode(k): self.decode(v) for k, v in value["items"]}
+            items = [(self.decode(k), self.decode(v)) for k, v in value["items"]]
+            return collections.OrderedDict(items) if value.get("ordered") else dict(items)
         raise SnapshotError(f"unknown snapshot entry {sorted(value)}: a corrupt snapshot, or one "
                             "written by another crl version")
 

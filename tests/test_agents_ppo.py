@@ -370,7 +370,7 @@ def test_learn_refuses_rollouts_across_a_switch_and_untracked_tasks():
 @pytest.mark.skipif(
     importlib.util.find_spec("ale_py") is None, reason="ale_py (atari extra) missing"
 )
-def test_atari_cnn_multi_head_smoke():
+def test_atari_cnn_multi_head_smoke(tmp_path):
     from stable_baselines3.common.torch_layers import NatureCNN
 
     env = ContinualEnv(get_sequence("Atari3", steps_per_task=128), append_task_id=True)
@@ -396,6 +396,13 @@ def test_atari_cnn_multi_head_smoke():
     assert agent._task_data["obs.observation"].dtype == torch.uint8
     assert agent.logger.name_to_value["train/l2_penalty"] > 0
     assert torch.equal(policy.action_net.weight[2], head2)  # task 2's head never trained
+    # Dict observations (SB3 keeps them in OrderedDicts) go through a checkpoint file
+    from agents.checkpoint import agent_state
+    from crl.checkpoint import load_checkpoint, save_checkpoint
+
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"agent": agent_state(agent)})
+    assert load_checkpoint(path)["agent"]["continual"]["strategy_name"] == "l2"
 
 
 def test_save_load_round_trip_with_continual_state(tmp_path):

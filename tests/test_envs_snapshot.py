@@ -170,6 +170,7 @@ def test_codec_round_trip_keeps_types_values_and_sharing() -> None:
         "dtype": np.dtype("uint8"), "t": (1, "x", None), "s": {2, 3}, 7: [float("nan"), 1e309],
         "gen": gen, "rs": rs, "bytes": b"\x00\x01", "objs": np.array([1, "a"], dtype=object),
         "empty": (b"", np.zeros((0, 3))),
+        "odict": collections.OrderedDict([("z", shared), ("a", 1)]),  # SB3's Dict obs
     }
     out = decode(_through_file(encode(value)))
     assert out["a"] is out["b"] and out["q"][0] is out["a"]  # one array, as before
@@ -185,6 +186,8 @@ def test_codec_round_trip_keeps_types_values_and_sharing() -> None:
     np.testing.assert_array_equal(out["rs"].rand(4), rs.rand(4))
     assert out["bytes"] == b"\x00\x01" and out["objs"].tolist() == [1, "a"]
     assert out["empty"][0] == b"" and out["empty"][1].shape == (0, 3)
+    assert type(out["odict"]) is collections.OrderedDict and list(out["odict"]) == ["z", "a"]
+    assert out["odict"]["z"] is out["a"]
 
 
 def test_codec_refuses_objects_naming_them() -> None:
