@@ -132,8 +132,8 @@ class _MultiHeadMixin:
             for head, gain in ((self.action_net, 0.01), (self.value_net, 1.0)):
                 with torch.no_grad():
                     for h in range(self.num_tasks):
-                        nn.init.orthogonal_(head.weight[h], gain=gain)
-                    head.bias.zero_()
+                        nn.init.orthogonal_(head.weights[h], gain=gain)
+                        head.biases[h].zero_()
         if isinstance(self.action_dist, DiagGaussianDistribution):
             n_act = int(np.prod(self.action_space.shape))
             self.log_std = nn.Parameter(

@@ -7,7 +7,8 @@ budget (untimed, so that the methods have anchors, importances, memories or mask
 starts task 1, explores (SAC, untimed), then trains ``--steps`` env steps of task 1, timed;
 plain SB3 (single head, same network, same env with the one-hot) trains the same number of
 steps after the same warm-up. All models are built first, then trained in ``--repeats``
-rounds of ``--steps`` timed steps each (plain, methods..., order rotated per round); each
+rounds of ``--steps`` timed steps each (plain, methods..., order rotated per round; one
+untimed round first, which also creates the optimiser state the task switch reset); each
 round's ratios use that round's plain run, and the median ratio over rounds is reported with
 its range, so load on the shared cores hits every row alike.
 Both wall-clock and process-CPU steps/s are recorded: the targets are on wall time, and the
@@ -120,10 +121,12 @@ def throughput(agents: list[str], methods: list[str], steps: int, repeats: int,
         models = {}
         for lab in labels:
             method = None if lab == "plain SB3" else lab.split(" ")[0]
-            models[lab] = build(agent, method, steps * repeats, net,
+            models[lab] = build(agent, method, steps * (repeats + 1), net,
                                 multi_head=lab != "finetune (single head)")
         wall: dict[str, list[float]] = {lab: [] for lab in labels}
         cpu: dict[str, list[float]] = {lab: [] for lab in labels}
+        for lab in labels:  # untimed round: first-touch allocations, fresh optimiser state
+            models[lab].learn(steps, reset_num_timesteps=False)
         for r in range(repeats):
             k = r % len(labels)
             for lab in labels[k:] + labels[:k]:

@@ -67,12 +67,12 @@ class HeadPolicy(torch.nn.Module):
         super().__init__()
         self.head = MultiHeadLinear(4, 2, 2)
         with torch.no_grad():
-            self.head.weight.zero_()
-            self.head.bias.zero_()
             w = torch.tensor([0.0, 0.0, 1.0, 1.0])
             signs = (-1.0, 1.0) if swap_heads else (1.0, -1.0)
             for h, s in enumerate(signs):
-                self.head.weight[h, 1] = s * w
+                self.head.weights[h].zero_()
+                self.head.biases[h].zero_()
+                self.head.weights[h][1] = s * w
         self.calls: list[int] = []
 
     def predict(self, obs, deterministic=True):

@@ -112,8 +112,8 @@ def test_multi_head_picks_each_samples_head_and_trains_only_its_own():
     assert isinstance(policy.action_net, MultiHeadLinear)
     assert isinstance(policy.value_net, MultiHeadLinear)
     with torch.no_grad():
-        policy.action_net.weight[1].normal_()  # make the two heads clearly different
-        policy.action_net.bias[1].normal_()
+        policy.action_net.weights[1].normal_()  # make the two heads clearly different
+        policy.action_net.biases[1].normal_()
     torch.manual_seed(0)
     obs = torch.randn(6, 6)
     task = torch.tensor([0, 1, 1, 0, 1, 0])
@@ -121,9 +121,9 @@ def test_multi_head_picks_each_samples_head_and_trains_only_its_own():
     with torch.no_grad():
         latent = policy.mlp_extractor.forward_actor(obs)
         latent_vf = policy.mlp_extractor.forward_critic(obs)
-        W, b = policy.action_net.weight, policy.action_net.bias
+        W, b = policy.action_net.stacked()
         expected = torch.stack([W[t] @ latent[i] + b[t] for i, t in enumerate(task.tolist())])
-        Wv, bv = policy.value_net.weight, policy.value_net.bias
+        Wv, bv = policy.value_net.stacked()
         values = torch.stack([Wv[t] @ latent_vf[i] + bv[t] for i, t in enumerate(task.tolist())])
         dist = policy.action_distribution(obs)
         assert isinstance(dist, Categorical)
@@ -137,9 +137,10 @@ def test_multi_head_picks_each_samples_head_and_trains_only_its_own():
     heads_before = params(agent)
     run_task(agent, 0)
     after = params(agent)
-    for name in ("action_net.weight", "action_net.bias", "value_net.weight", "value_net.bias"):
-        assert torch.equal(after[name][1], heads_before[name][1]), name  # task 1's head untouched
-        assert not torch.equal(after[name][0], heads_before[name][0]), name
+    for net in ("action_net", "value_net"):
+        for kind in ("weights", "biases"):  # task 1's head untouched, task 0's trained
+            assert torch.equal(after[f"{net}.{kind}.1"], heads_before[f"{net}.{kind}.1"])
+            assert not torch.equal(after[f"{net}.{kind}.0"], heads_before[f"{net}.{kind}.0"])
 
 
 def test_multi_head_needs_the_task_one_hot():
@@ -188,6 +189,13 @@ def test_penalty_enters_the_actor_gradient(method):
     assert agent.logger.name_to_value[f"train/{method}_penalty"] > 0
 
 
+def grads_of(loss: torch.Tensor, plist: list) -> list[torch.Tensor]:
+    """Gradient of ``loss`` for every parameter; zero for those it does not use (the heads of
+    tasks absent from the batch)."""
+    grads = torch.autograd.grad(loss, plist, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(plist, grads, strict=True)]
+
+
 def test_agem_projected_gradient_never_opposes_the_reference():
     agent = make_agent("agem", options={"memory_per_task": 64, "batch_size": 64})
     run_task(agent, 0)
@@ -206,7 +214,10 @@ def test_agem_projected_gradient_never_opposes_the_reference():
 
     def spy_before() -> None:
         if not dots:  # force a conflict on the first update: g·g_ref = -‖g_ref‖² < 0
-            g_ref = torch.autograd.grad(host_loss(agent.strategy.memory.sample(64)), plist)
+            g_ref = grads_of(host_loss(agent.strategy.memory.sample(64)), plist)
+            for p in plist:  # a head no sample used has no gradient: zero
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
             dot = sum((p.grad * r).sum() for p, r in zip(plist, g_ref, strict=True))
             sq = sum((r * r).sum() for r in g_ref)
             with torch.no_grad():
@@ -214,10 +225,11 @@ def test_agem_projected_gradient_never_opposes_the_reference():
                     p.grad.sub_((dot / sq + 1) * r)
         before = agent.strategy.num_projections
         original()
-        g_ref = torch.autograd.grad(host_loss(ref_batches[-1]), plist)
-        dot = float(sum((p.grad * r).sum() for p, r in zip(plist, g_ref, strict=True)))
+        g_ref = grads_of(host_loss(ref_batches[-1]), plist)
+        g = [torch.zeros_like(p) if p.grad is None else p.grad for p in plist]
+        dot = float(sum((a * r).sum() for a, r in zip(g, g_ref, strict=True)))
         norm = float(
-            sum((p.grad**2).sum() for p in plist).sqrt() * sum((r**2).sum() for r in g_ref).sqrt()
+            sum((a**2).sum() for a in g).sqrt() * sum((r**2).sum() for r in g_ref).sqrt()
         )
         assert dot >= -1e-4 * norm, (dot, norm)
         if not dots:
@@ -271,8 +283,17 @@ def test_optimizer_state_reset_at_switch_only_when_configured(reset):
         for p, s in agent.policy.optimizer.state.items():
             assert all(torch.equal(v, before[id(p)][k]) for k, v in s.items())
     agent.learn(STEPS, reset_num_timesteps=False)
-    steps = {float(s["step"]) for s in agent.policy.optimizer.state.values()}
+    state = agent.policy.optimizer.state
+    trunk = [p for n, p in agent.policy.named_parameters()
+             if not n.startswith(("action_net.", "value_net."))]
+    steps = {float(state[p]["step"]) for p in trunk}
     assert steps == ({8.0} if reset else {16.0})  # Adam restarted its step count, or not
+    head = agent.policy.action_net  # each task's head counts only its own task's updates
+    assert float(state[head.weights[1]]["step"]) == 8.0
+    if reset:
+        assert head.weights[0] not in state  # untouched by task 1: no Adam state at all
+    else:
+        assert float(state[head.weights[0]]["step"]) == 8.0
 
 
 # -- the task's data and importance ------------------------------------------------------------
@@ -388,14 +409,14 @@ def test_atari_cnn_multi_head_smoke(tmp_path):
     policy = agent.policy
     assert isinstance(policy.features_extractor.extractors["observation"], NatureCNN)
     assert isinstance(policy.action_net, MultiHeadLinear)
-    assert policy.action_net.weight.shape == (3, 18, 512 + 3)
-    head2 = policy.action_net.weight[2].detach().clone()
+    assert policy.action_net.stacked()[0].shape == (3, 18, 512 + 3)
+    head2 = policy.action_net.weights[2].detach().clone()
     run_task(agent, 0)
     run_task(agent, 1, end=False)
     assert agent.num_timesteps == 256
     assert agent._task_data["obs.observation"].dtype == torch.uint8
     assert agent.logger.name_to_value["train/l2_penalty"] > 0
-    assert torch.equal(policy.action_net.weight[2], head2)  # task 2's head never trained
+    assert torch.equal(policy.action_net.weights[2], head2)  # task 2's head never trained
     # Dict observations (SB3 keeps them in OrderedDicts) go through a checkpoint file
     from agents.checkpoint import agent_state
     from crl.checkpoint import load_checkpoint, save_checkpoint

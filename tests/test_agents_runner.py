@@ -191,8 +191,9 @@ def test_multi_head_ppo_evaluation_uses_each_slots_head() -> None:
     import torch
 
     with torch.no_grad():  # head 0 always picks action 0, head 1 always action 1
-        head.weight.zero_()
-        head.bias.copy_(torch.tensor([[5.0, -5.0], [-5.0, 5.0]]))
+        for h, bias in enumerate(([5.0, -5.0], [-5.0, 5.0])):
+            head.weights[h].zero_()
+            head.biases[h].copy_(torch.tensor(bias))
     seen = []
     predict = agent.policy.predict
 
