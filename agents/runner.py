@@ -70,6 +70,7 @@ from crl.runs import (  # noqa: F401 - re-exported for callers of this module
     RunFailed,
     RunFinished,
     holds_run,
+    raise_if_finished,
     read_run_config,
     record_failure,
 )
@@ -755,13 +756,7 @@ def resume(run_dir: str | Path, changes: Mapping[str, Any] | None = None, *,
     """
     run_dir = Path(run_dir)
     saved = load_run_config(run_dir)
-    results = run_dir / "results.json"
-    if results.is_file():
-        try:
-            summary = json.loads(results.read_text())
-        except ValueError:
-            summary = {}
-        raise RunFinished(run_dir, summary)
+    raise_if_finished(run_dir)
     ckpt_file = checkpoint_path(run_dir)
     state = load_checkpoint(ckpt_file)
     missing = [k for k in _CHECKPOINT_KEYS if k not in state]

@@ -14,9 +14,7 @@ that names every key that differs.
 from __future__ import annotations
 
 import json
-import os
 import random
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from crl.tracking import default_file_mode
+from crl.tracking import atomic_write
 
 #: Bumped when the layout of checkpoints changes incompatibly.
 CHECKPOINT_FORMAT = 1
@@ -46,18 +44,7 @@ def save_checkpoint(path: str | Path, payload: Mapping[str, Any]) -> int:
     The ``format`` key is added. The previous file at ``path`` survives any failure.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, default_file_mode())
-        with os.fdopen(fd, "wb") as fh:
-            torch.save({"format": CHECKPOINT_FORMAT, **payload}, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda fh: torch.save({"format": CHECKPOINT_FORMAT, **payload}, fh))
     return path.stat().st_size
 
 

@@ -70,6 +70,17 @@ def holds_run(run_dir: str | Path) -> list[str]:
     return [f for f in RUN_FILES if (Path(run_dir) / f).exists()]
 
 
+def raise_if_finished(run_dir: str | Path) -> None:
+    """:class:`RunFinished` (with the run's results) if ``run_dir`` has results.json."""
+    results = Path(run_dir) / "results.json"
+    if results.is_file():
+        try:
+            summary = json.loads(results.read_text())
+        except ValueError:
+            summary = {}
+        raise RunFinished(Path(run_dir), summary)
+
+
 def read_run_config(run_dir: str | Path, kind: str) -> dict[str, Any]:
     """The config.yaml of a ``kind`` ("train" or "supervised") run; anything else is a clear
     error naming the right command."""

@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import json
 import os
 import time
 from collections.abc import Iterator, Mapping
@@ -52,6 +51,7 @@ from crl.runs import (  # noqa: F401 - re-exported for callers of this module
     RunFailed,
     RunFinished,
     holds_run,
+    raise_if_finished,
     read_run_config,
     record_failure,
 )
@@ -300,13 +300,7 @@ def resume_experiment(
     """
     run_dir = Path(run_dir)
     saved = load_run_config(run_dir)
-    results = run_dir / "results.json"
-    if results.is_file():
-        try:
-            summary = json.loads(results.read_text())
-        except ValueError:
-            summary = {}
-        raise RunFinished(run_dir, summary)
+    raise_if_finished(run_dir)
     state = load_checkpoint(checkpoint_path(run_dir))
     for key in ("config", "rows", "data", "trainer"):
         if key not in state:
