@@ -2,9 +2,10 @@
 
 ContinualEnv(append_task_id=True) appends a one-hot of the task to every observation, so the
 task id travels with the observation through SB3's buffers, vector envs and batched
-evaluation; a head is picked per sample with a gather (no Python branching), which keeps
-batches that mix tasks (replay, evaluation of all tasks at once) and ``torch.func.vmap``
-(per-sample Fisher) working.
+evaluation. A batch that holds one task (PPO rollouts and minibatches, SAC after its buffer
+reset: nearly every training batch) runs that task's head alone; a batch that mixes tasks
+(replay, evaluation of all tasks at once, ``torch.func.vmap`` for per-sample Fisher) runs
+every head and picks each sample's with a gather, with no branching on tensor values.
 """
 
 from __future__ import annotations

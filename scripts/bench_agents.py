@@ -4,15 +4,13 @@ spends evaluating.
 
 Throughput (one invocation, side by side): every agent first trains task 0 of a two-task
 budget (untimed, so that the methods have anchors, importances, memories or masks), ends it,
-starts task 1, explores (SAC, untimed), then trains ``--steps`` env steps of task 1, timed;
-plain SB3 (single head, same network, same env with the one-hot) trains the same number of
-steps after the same warm-up. All models are built first, then trained in ``--repeats``
-rounds of ``--steps`` timed steps each (plain, methods..., order rotated per round; one
-untimed round first, which also creates the optimiser state the task switch reset); each
-round's ratios use that round's plain run, and the median ratio over rounds is reported with
-its range, so load on the shared cores hits every row alike.
-Both wall-clock and process-CPU steps/s are recorded: the targets are on wall time, and the
-CPU-time ratio, which other jobs on the cores move much less, tells load from overhead.
+starts task 1 and explores (SAC, untimed); plain SB3 (single head, same network, same env
+with the one-hot) trains the same steps. Then, in ``--repeats`` rounds, each method trains
+``--steps`` timed steps of task 1 between two chunks of plain SB3 (plain, m1, plain, m2,
+...; order rotated per round), and its ratio is its steps/s over the mean of the two plain
+chunks around it. The median over rounds is reported with the quartiles. Chunks seconds
+apart see the same load on the shared cores, which drifts over minutes. Both wall-clock and
+process-CPU steps/s are recorded; the targets are on wall time.
 Targets (issue 4): finetune >= 0.97x, L2/EWC/MAS/PackNet >= 0.90x, A-GEM >= 0.60x.
 
 Evaluation share (CW protocol: every task every 20k steps, 10 episodes, 1M steps per task):
@@ -22,7 +20,7 @@ not installed), and ``t_eval`` = seconds of one batched evaluation of every task
 over the full protocol is ``t_eval / (t_eval + 20_000 * t_train)`` (one evaluation per 20k
 steps; the extra evaluation at step 0 is 1 in 500 and ignored). Target <= 25%.
 
-    python scripts/bench_agents.py --steps 1024 --repeats 8 --out bench_agents.json
+    python scripts/bench_agents.py --steps 256 --repeats 16 --out bench_agents.json
 """
 
 from __future__ import annotations
@@ -107,50 +105,65 @@ def build(agent: str, method: str | None, timed: int, net: list[int],
     return model
 
 
+def _quartiles(values: list[float]) -> tuple[float, float]:
+    q = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else values * 3
+    return q[0], q[2]
+
+
 def throughput(agents: list[str], methods: list[str], steps: int, repeats: int,
                net: list[int]) -> list[dict[str, Any]]:
-    """Every model is built first; then ``repeats`` rounds each train every model for
-    ``steps`` timed steps, in an order rotated per round. A round takes seconds, so a change
-    of load on the shared cores hits the plain run and the methods of that round alike."""
+    """Every model is built first (and trained one untimed chunk); then ``repeats`` rounds
+    time every method for ``steps`` steps, each chunk between two chunks of plain SB3
+    (plain, m1, plain, m2, plain, ...; method order rotated per round). A method's ratio is
+    its steps/s over the mean of the two plain chunks around it, seconds apart, so load on
+    the shared cores, which drifts over minutes, hits both sides of every ratio alike."""
     rows = []
     for agent in agents:
         opts = SETUPS[agent][1]
         if agent == "ppo":  # whole rollouts only (a rollout must not cross the task switch)
             steps = -(-steps // opts["n_steps"]) * opts["n_steps"]
-        labels = ["plain SB3", *methods, "finetune (single head)"]
-        models = {}
+        labels = [*methods, "finetune (single head)"]
+        models = {"plain SB3": build(agent, None, steps * (repeats * (len(labels) + 1) + 2),
+                                     net)}
         for lab in labels:
-            method = None if lab == "plain SB3" else lab.split(" ")[0]
-            models[lab] = build(agent, method, steps * (repeats + 1), net,
+            models[lab] = build(agent, lab.split(" ")[0], steps * (repeats + 1), net,
                                 multi_head=lab != "finetune (single head)")
-        wall: dict[str, list[float]] = {lab: [] for lab in labels}
-        cpu: dict[str, list[float]] = {lab: [] for lab in labels}
-        for lab in labels:  # untimed round: first-touch allocations, fresh optimiser state
-            models[lab].learn(steps, reset_num_timesteps=False)
+        for model in models.values():  # first-touch allocations, fresh optimiser state
+            model.learn(steps, reset_num_timesteps=False)
+        speed: dict[str, dict[str, list[float]]] = {
+            kind: {lab: [] for lab in ["plain SB3", *labels]} for kind in ("wall", "cpu")}
+        ratio: dict[str, dict[str, list[float]]] = {
+            kind: {lab: [] for lab in labels} for kind in ("wall", "cpu")}
         for r in range(repeats):
             k = r % len(labels)
+            before = _timed_learn(models["plain SB3"], steps)
             for lab in labels[k:] + labels[:k]:
-                w, c = _timed_learn(models[lab], steps)
-                wall[lab].append(w)
-                cpu[lab].append(c)
+                mine = _timed_learn(models[lab], steps)
+                after = _timed_learn(models["plain SB3"], steps)
+                for i, kind in enumerate(("wall", "cpu")):
+                    speed[kind][lab].append(mine[i])
+                    speed[kind]["plain SB3"].append(after[i])
+                    ratio[kind][lab].append(mine[i] / ((before[i] + after[i]) / 2))
+                before = after
             print(f"  {agent} round {r + 1}/{repeats}: " + ", ".join(
-                f"{lab} {wall[lab][-1]:.0f}" for lab in labels) + " steps/s (wall)", flush=True)
-        # Ratios per round (each round's plain run is its own baseline); median and range.
+                f"{lab} {ratio['wall'][lab][-1]:.2f}" for lab in labels) + " x plain (wall)",
+                flush=True)
+        rows.append({"agent": agent, "method": "plain SB3",
+                     "steps_per_s": statistics.median(speed["wall"]["plain SB3"]),
+                     "cpu_steps_per_s": statistics.median(speed["cpu"]["plain SB3"]),
+                     "ratio": 1.0, "target": None, "meets": None})
         for lab in labels:
             target = TARGETS.get(lab)
-            per = {kind: [v / b for v, b in zip(samples[lab], samples["plain SB3"], strict=True)]
-                   for kind, samples in (("wall", wall), ("cpu", cpu))}
-            ratio = statistics.median(per["wall"])
+            med = statistics.median(ratio["wall"][lab])
             rows.append({"agent": agent, "method": lab,
-                         "steps_per_s": statistics.median(wall[lab]),
-                         "cpu_steps_per_s": statistics.median(cpu[lab]),
-                         "ratio": ratio, "ratio_min": min(per["wall"]),
-                         "ratio_max": max(per["wall"]),
-                         "cpu_ratio": statistics.median(per["cpu"]),
-                         "cpu_ratio_min": min(per["cpu"]), "cpu_ratio_max": max(per["cpu"]),
-                         "target": target,
-                         "meets": None if target is None else bool(ratio >= target),
-                         "samples": wall[lab], "cpu_samples": cpu[lab]})
+                         "steps_per_s": statistics.median(speed["wall"][lab]),
+                         "cpu_steps_per_s": statistics.median(speed["cpu"][lab]),
+                         "ratio": med, "ratio_iqr": _quartiles(ratio["wall"][lab]),
+                         "ratio_min_max": (min(ratio["wall"][lab]), max(ratio["wall"][lab])),
+                         "cpu_ratio": statistics.median(ratio["cpu"][lab]),
+                         "cpu_ratio_iqr": _quartiles(ratio["cpu"][lab]),
+                         "target": target, "meets": None if target is None else bool(med >= target),
+                         "ratios": ratio["wall"][lab], "cpu_ratios": ratio["cpu"][lab]})
         del models
     return rows
 
@@ -191,9 +204,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--agents", default="sac,ppo")
     p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--steps", type=int, default=1024,
+    p.add_argument("--steps", type=int, default=256,
                    help="timed env steps per model and round (PPO: rounded up to rollouts)")
-    p.add_argument("--repeats", type=int, default=8, help="rounds")
+    p.add_argument("--repeats", type=int, default=16, help="rounds")
     p.add_argument("--net-arch", default="64,64")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--eval-train-steps", type=int, default=300)
@@ -204,16 +217,20 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     net = [int(x) for x in a.net_arch.split(",")]
     rows = throughput(a.agents.split(","), a.methods.split(","), a.steps, a.repeats, net)
-    print(f"\nenv steps/s on task 1 after task 0 ({a.steps} timed steps, {a.repeats} repeats, "
-          f"torch threads {a.threads}, net {net}); ratio = method / plain SB3 of the same "
-          "repeat: median [min, max] over repeats; wall time (the target) and process CPU time")
+    print(f"\nenv steps/s on task 1 after task 0 ({a.repeats} rounds of {a.steps} timed steps "
+          f"(PPO: whole rollouts), torch threads {a.threads}, net {net}); x plain = steps/s "
+          "over the mean of the plain SB3 chunks just before and after: median [quartiles] "
+          "over rounds, on wall time (the target) and process CPU time")
     print(f"{'agent':5} {'method':24} {'steps/s':>8} {'x plain (wall)':>22} "
           f"{'x plain (CPU)':>22} {'target':>7} meets")
     for r in rows:
         tgt = "-" if r["target"] is None else f">={r['target']:.2f}"
         meets = "-" if r["meets"] is None else ("yes" if r["meets"] else "NO")
-        wall = f"{r['ratio']:.3f} [{r['ratio_min']:.2f}, {r['ratio_max']:.2f}]"
-        cpu = f"{r['cpu_ratio']:.3f} [{r['cpu_ratio_min']:.2f}, {r['cpu_ratio_max']:.2f}]"
+        if r["method"] == "plain SB3":
+            wall = cpu = "1"
+        else:
+            wall = f"{r['ratio']:.3f} [{r['ratio_iqr'][0]:.2f}, {r['ratio_iqr'][1]:.2f}]"
+            cpu = f"{r['cpu_ratio']:.3f} [{r['cpu_ratio_iqr'][0]:.2f}, {r['cpu_ratio_iqr'][1]:.2f}]"
         print(f"{r['agent']:5} {r['method']:24} {r['steps_per_s']:8.0f} {wall:>22} {cpu:>22} "
               f"{tgt:>7} {meets}")
     out: dict[str, Any] = {"throughput": rows}
