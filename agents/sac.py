@@ -234,7 +234,7 @@ class ContinualSAC(ContinualAgent, SAC):
     def _excluded_save_params(self) -> list[str]:
         # Strategy state lives in continual_state_dict(); the host refers back to the agent.
         return [*super()._excluded_save_params(), "strategy", "host", "_importance_rng",
-                "_critic_fn_params"]
+                "_critic_fn_params", "_polyak_lists"]
 
     # -- ContinualAgent hooks ------------------------------------------------------------
     def _make_host(self) -> SACHost:
@@ -442,6 +442,25 @@ class ContinualSAC(ContinualAgent, SAC):
         self.strategy.after_optimizer_step()
         return losses, penalty
 
+    def _polyak_critic(self) -> None:
+        """SB3's ``polyak_update(critic, critic_target, tau)`` as two multi-tensor kernels:
+        the same ``mul_(1 - tau)`` then ``add(alpha=tau)`` per tensor (bit-identical), but
+        one call for all of them; per-task heads make the critics many small tensors (two
+        per head and Q-network), which SB3's Python loop walks every update."""
+        cached = getattr(self, "_polyak_lists", None)
+        if cached is None or cached[0] is not self.critic or cached[1] is not self.critic_target:
+            params = list(self.critic.parameters())
+            targets = list(self.critic_target.parameters())
+            if len(params) != len(targets):
+                raise ValueError(
+                    f"critic has {len(params)} parameter tensors but critic_target "
+                    f"{len(targets)}; they must have the same architecture"
+                )
+            cached = self._polyak_lists = (self.critic, self.critic_target, params, targets)
+        with torch.no_grad():
+            torch._foreach_mul_(cached[3], 1.0 - self.tau)
+            torch._foreach_add_(cached[3], cached[2], alpha=self.tau)
+
     def train(self, gradient_steps: int, batch_size: int = 64) -> None:
         self.policy.set_training_mode(True)
         optimizers = list(self._optimizers().values())
@@ -476,7 +495,7 @@ class ContinualSAC(ContinualAgent, SAC):
                      else None}
             self.check_finite_losses(sum(v for v in terms.values() if v is not None), terms)
             if gradient_step % self.target_update_interval == 0:
-                polyak_update(self.critic.parameters(), self.critic_target.parameters(), self.tau)
+                self._polyak_critic()
                 polyak_update(self.batch_norm_stats, self.batch_norm_stats_target, 1.0)
 
         self._n_updates += gradient_steps
