@@ -57,32 +57,29 @@ class AGEM(Strategy):
         batch = to_device(self.memory.sample(self.batch_size), params[0].device)
         # autograd.grad leaves .grad untouched, so g survives and g_ref never lands in .grad.
         ref = torch.autograd.grad(host.loss(batch), params, allow_unused=True)
-        dot = None
-        ref_sq = None
-        for p, r in zip(params, ref, strict=True):
-            if r is None:
-                continue
-            rr = (r * r).sum()
-            ref_sq = rr if ref_sq is None else ref_sq + rr
-            if p.grad is not None:
-                gr = (p.grad * r).sum()
-                dot = gr if dot is None else dot + gr
+        pairs = [(p, r) for p, r in zip(params, ref, strict=True) if r is not None]
         self.num_updates += 1
-        if dot is None or ref_sq is None:
+        if not pairs:
             self.last_dot = 0.0
             return
-        self.last_dot = float(dot)
-        if not bool(dot < 0) or not bool(ref_sq > 0):
+        # One flat vector per side: two dot products instead of a few kernels per tensor
+        # (A-GEM runs every update, over actor + critic for SAC: dozens of tensors).
+        r_flat = torch.cat([r.reshape(-1) for _, r in pairs])
+        g_flat = torch.cat([(torch.zeros_like(r) if p.grad is None else p.grad).reshape(-1)
+                            for p, r in pairs])
+        dot, ref_sq = torch.dot(g_flat, r_flat), torch.dot(r_flat, r_flat)
+        dot_value, sq_value = torch.stack([dot, ref_sq]).tolist()  # one host read
+        self.last_dot = float(dot_value)
+        if not (dot_value < 0 and sq_value > 0):
             return
         coeff = dot / ref_sq
         with torch.no_grad():
-            for p, r in zip(params, ref, strict=True):
-                if r is None:
-                    continue
+            steps = torch._foreach_mul([r for _, r in pairs], coeff)
+            for (p, _), step in zip(pairs, steps, strict=True):
                 if p.grad is None:
-                    p.grad = -coeff * r
+                    p.grad = -step
                 else:
-                    p.grad.sub_(coeff * r)
+                    p.grad.sub_(step)
         self.num_projections += 1
 
     def stats(self) -> dict[str, float]:
