@@ -36,6 +36,7 @@ from torch import nn
 from torch.distributions import Categorical, Independent, Normal
 
 from agents.heads import MultiHeadLinear, TaskIndex, batch_task
+from agents.training_mode import set_tree_mode
 
 #: Key of the task one-hot in a Dict observation (envs.ContinualEnv's convention).
 TASK_KEY = "task_id"
@@ -146,6 +147,10 @@ class _MultiHeadMixin:
             lr=lr_schedule(1),
             **self.optimizer_kwargs,  # type: ignore[attr-defined]
         )
+
+    def set_training_mode(self, mode: bool) -> None:
+        """SB3's ``self.train(mode)``, flag for flag (:mod:`agents.training_mode`)."""
+        set_tree_mode(self, mode)  # type: ignore[arg-type]
 
     # -- task ids ----------------------------------------------------------------------------
     def task_index(self, obs: Obs) -> TaskIndex:

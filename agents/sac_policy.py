@@ -23,6 +23,7 @@ from stable_baselines3.sac.policies import LOG_STD_MAX, LOG_STD_MIN, Actor, SACP
 from torch import nn
 
 from agents.heads import MultiHeadLinear, TaskIndex, TaskLookup
+from agents.training_mode import set_tree_mode
 
 
 def check_task_id_space(observation_space: spaces.Space, num_tasks: int) -> None:
@@ -178,6 +179,14 @@ class MultiHeadSACPolicy(SACPolicy):
         data = super()._get_constructor_parameters()
         data["num_tasks"] = self.num_tasks
         return data
+
+    def set_training_mode(self, mode: bool) -> None:
+        """SB3's: actor and critic in ``mode`` (the target critic stays in eval mode), flag
+        for flag, without ``nn.Module.train``'s per-module cost (:mod:`agents.training_mode`;
+        SB3 switches modes ~3 times per SAC env step)."""
+        set_tree_mode(self.actor, mode)
+        set_tree_mode(self.critic, mode)
+        self.training = mode
 
     def make_actor(self, features_extractor: BaseFeaturesExtractor | None = None) -> Actor:
         actor_kwargs = self._update_features_extractor(self.actor_kwargs, features_extractor)

@@ -154,6 +154,54 @@ def test_ppo_host_selection_is_cached_and_follows_option_and_policy_changes():
     assert all(p is dict(agent.policy.named_parameters())[n] for n, p in new.items())
 
 
+# -- training-mode switches -------------------------------------------------------------------
+def _modes(module: torch.nn.Module) -> dict[str, bool]:
+    return {name: m.training for name, m in module.named_modules(remove_duplicate=False)}
+
+
+def test_fast_training_mode_sets_the_flags_sb3_sets():
+    """Per policy, the flags after set_training_mode(mode) equal those after SB3's own
+    implementation (nn.Module.train on the same subtrees); SAC's target critic stays in eval
+    mode; a module that overrides train() is still called."""
+    from stable_baselines3.common.policies import BasePolicy
+    from stable_baselines3.sac.policies import SACPolicy
+
+    from agents.training_mode import set_tree_mode
+
+    seq = get_sequence("PendulumVariants", steps_per_task=64)
+    sac = make_agent(RunConfig(sequence=seq.name, agent="sac", net_arch=(8,),
+                               agent_options={"buffer_size": 100}), seq.make_env(
+        append_task_id=True), seq)
+    ppo = _ppo()
+    for policy, sb3 in ((sac.policy, SACPolicy.set_training_mode),
+                        (ppo.policy, BasePolicy.set_training_mode)):
+        for start in (True, False):
+            for mode in (True, False, False, True):
+                policy.train(start)
+                policy.set_training_mode(mode)
+                ours = _modes(policy)
+                policy.train(start)
+                sb3(policy, mode)
+                assert ours == _modes(policy)
+                assert policy.training is mode
+    sac.policy.set_training_mode(True)
+    assert sac.policy.actor.training and sac.policy.critic.qf0.head.weights.training
+    assert not sac.policy.critic_target.training and not sac.policy.critic_target.qf1.training
+
+    class Custom(torch.nn.Linear):
+        calls: list[bool] = []
+
+        def train(self, mode: bool = True):
+            self.calls.append(mode)
+            return super().train(mode)
+
+    tree = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Sequential(Custom(2, 2)))
+    set_tree_mode(tree, False)
+    assert Custom.calls == [False] and not any(m.training for m in tree.modules())
+    with pytest.raises(ValueError, match="bool"):
+        set_tree_mode(tree, 1)  # type: ignore[arg-type]
+
+
 # -- RL method defaults -------------------------------------------------------------------------
 def test_rl_defaults_reach_the_strategy_and_user_options_win():
     seq = get_sequence("CartPoleSwap", steps_per_task=64)
