@@ -35,6 +35,7 @@ from stable_baselines3.common.torch_layers import CombinedExtractor
 from torch import nn
 from torch.distributions import Categorical, Independent, Normal
 
+from agents.distributions import unchecked
 from agents.heads import MultiHeadLinear, TaskIndex, batch_task
 from agents.training_mode import set_tree_mode
 
@@ -135,6 +136,7 @@ class _MultiHeadMixin:
                     for h in range(self.num_tasks):
                         nn.init.orthogonal_(head.weights[h], gain=gain)
                         head.biases[h].zero_()
+        self.action_dist = unchecked(self.action_dist)  # same numbers, no validation cost
         if isinstance(self.action_dist, DiagGaussianDistribution):
             n_act = int(np.prod(self.action_space.shape))
             self.log_std = nn.Parameter(

@@ -22,6 +22,7 @@ from stable_baselines3.common.type_aliases import PyTorchObs
 from stable_baselines3.sac.policies import LOG_STD_MAX, LOG_STD_MIN, Actor, SACPolicy
 from torch import nn
 
+from agents.distributions import unchecked
 from agents.heads import MultiHeadLinear, TaskIndex, TaskLookup
 from agents.training_mode import set_tree_mode
 
@@ -67,6 +68,7 @@ class MultiHeadActor(Actor):
         action_dim = get_action_dim(self.action_space)
         self.mu = MultiHeadLinear(last, action_dim, num_tasks)  # type: ignore[assignment]
         self.log_std = MultiHeadLinear(last, action_dim, num_tasks)  # type: ignore[assignment]
+        self.action_dist = unchecked(self.action_dist)  # type: ignore[assignment]
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
         data = super()._get_constructor_parameters()

@@ -202,6 +202,79 @@ def test_fast_training_mode_sets_the_flags_sb3_sets():
         set_tree_mode(tree, 1)  # type: ignore[arg-type]
 
 
+# -- unchecked distributions ----------------------------------------------------------------
+def test_unchecked_distributions_give_sb3s_numbers_and_draws_bit_for_bit():
+    from stable_baselines3.common.distributions import (
+        CategoricalDistribution,
+        DiagGaussianDistribution,
+        SquashedDiagGaussianDistribution,
+        StateDependentNoiseDistribution,
+    )
+
+    from agents.distributions import (
+        UncheckedCategorical,
+        UncheckedDiagGaussian,
+        UncheckedSquashedDiagGaussian,
+        unchecked,
+    )
+
+    gen = torch.Generator().manual_seed(3)
+    mean = torch.randn(64, 3, generator=gen, requires_grad=True)
+    log_std = torch.randn(3, generator=gen, requires_grad=True)
+    logits = torch.randn(64, 5, generator=gen, requires_grad=True)
+    cases = [
+        (DiagGaussianDistribution(3), UncheckedDiagGaussian, (mean, log_std)),
+        (SquashedDiagGaussianDistribution(3, 1e-5), UncheckedSquashedDiagGaussian,
+         (mean, log_std)),
+        (CategoricalDistribution(5), UncheckedCategorical, (logits,)),
+    ]
+    for sb3, kind, params in cases:
+        ours = unchecked(sb3)
+        assert type(ours) is kind and ours.action_dim == sb3.action_dim
+        assert getattr(ours, "epsilon", None) == getattr(sb3, "epsilon", None)
+        out = []
+        for dist in (sb3, ours):
+            torch.manual_seed(0)
+            d = dist.proba_distribution(*params)
+            actions = d.sample()
+            lp = dist.log_prob(actions) if kind is not UncheckedSquashedDiagGaussian else \
+                dist.log_prob(actions, dist.gaussian_actions)
+            ent = d.entropy()
+            mode = d.mode()
+            grads = torch.autograd.grad(lp.sum(), params)
+            out.append((actions, lp, ent, mode, grads))
+        assert ours.distribution._validate_args is False
+        assert sb3.distribution._validate_args is True
+        for a, b in zip(out[0], out[1], strict=True):
+            if isinstance(a, tuple):
+                assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+            elif a is None:
+                assert b is None
+            else:
+                assert torch.equal(a, b)
+    sde = StateDependentNoiseDistribution(2)
+    assert unchecked(sde) is sde  # no unchecked version: kept as is
+
+
+def test_multi_head_policies_use_unchecked_distributions_single_head_keeps_sb3s():
+    from stable_baselines3.common.distributions import (
+        CategoricalDistribution,
+        SquashedDiagGaussianDistribution,
+    )
+
+    from agents.distributions import UncheckedCategorical, UncheckedSquashedDiagGaussian
+
+    assert type(_ppo().policy.action_dist) is UncheckedCategorical
+    assert type(_ppo(multi_head=False).policy.action_dist) is CategoricalDistribution
+    seq = get_sequence("PendulumVariants", steps_per_task=64)
+    for multi, kind in ((True, UncheckedSquashedDiagGaussian),
+                        (False, SquashedDiagGaussianDistribution)):
+        sac = make_agent(RunConfig(sequence=seq.name, agent="sac", net_arch=(8,),
+                                   agent_options={"buffer_size": 100, "multi_head": multi}),
+                         seq.make_env(append_task_id=True), seq)
+        assert type(sac.actor.action_dist) is kind
+
+
 # -- RL method defaults -------------------------------------------------------------------------
 def test_rl_defaults_reach_the_strategy_and_user_options_win():
     seq = get_sequence("CartPoleSwap", steps_per_task=64)
