@@ -135,6 +135,19 @@ def test_sample_is_distinct_and_bounded():
     assert set(mem.sample(3)) == {"id"}
 
 
+def test_one_reservoir_shortcut_draws_the_general_paths_sample():
+    """With one stored reservoir the sample skips the owner bookkeeping; an empty second
+    reservoir forces the general path, which must draw the same rows from the same seed."""
+    from crl.strategies.memory import _gather, _Reservoir
+
+    res, empty = _Reservoir(500), _Reservoir(10)
+    res.add(ids(100, 400), torch.Generator().manual_seed(1))
+    for n in (5, 200, 1000):  # rejection path, permutation path, more than stored
+        fast = _gather([res], n, torch.Generator().manual_seed(7))["id"]
+        general = _gather([res, empty], n, torch.Generator().manual_seed(7))["id"]
+        assert torch.equal(fast, general) and fast.numel() == min(n, 300)
+
+
 def test_sample_indices_rejection_path_is_uniform():
     g = torch.Generator().manual_seed(0)
     counts = torch.zeros(1000, dtype=torch.long)

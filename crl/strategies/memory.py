@@ -215,6 +215,8 @@ def check_positive_int(name: str, value: Any, minimum: int = 1) -> int:
 
 def _gather(reservoirs: Sequence[_Reservoir], n: int, gen: torch.Generator) -> dict:
     """Uniform sample without replacement over the union of several reservoirs."""
+    if len(reservoirs) == 1:  # the general path's sample, without its five bookkeeping ops
+        return index_batch(reservoirs[0].stored(), sample_indices(reservoirs[0].size, n, gen))
     sizes = torch.tensor([r.size for r in reservoirs], dtype=torch.long)
     total = int(sizes.sum())
     idx = sample_indices(total, n, gen)
