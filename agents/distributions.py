@@ -28,30 +28,24 @@ from stable_baselines3.common.distributions import (
 from torch.distributions import Categorical, Normal
 
 
-def _normal(mean_actions: torch.Tensor, log_std: torch.Tensor) -> Normal:
-    # SB3's DiagGaussianDistribution.proba_distribution, operation for operation.
-    action_std = torch.ones_like(mean_actions) * log_std.exp()
-    return Normal(mean_actions, action_std, validate_args=False)
+class _UncheckedNormal:
+    """SB3's ``DiagGaussianDistribution.proba_distribution``, operation for operation, with
+    ``validate_args=False``; mixed in before the SB3 class it replaces the method of."""
+
+    distribution: Normal
+
+    def proba_distribution(self, mean_actions: torch.Tensor, log_std: torch.Tensor) -> Any:
+        action_std = torch.ones_like(mean_actions) * log_std.exp()
+        self.distribution = Normal(mean_actions, action_std, validate_args=False)
+        return self
 
 
-class UncheckedDiagGaussian(DiagGaussianDistribution):
+class UncheckedDiagGaussian(_UncheckedNormal, DiagGaussianDistribution):
     """:class:`DiagGaussianDistribution` (PPO on Box actions) without validation."""
 
-    def proba_distribution(  # type: ignore[override]
-        self, mean_actions: torch.Tensor, log_std: torch.Tensor
-    ) -> UncheckedDiagGaussian:
-        self.distribution = _normal(mean_actions, log_std)
-        return self
 
-
-class UncheckedSquashedDiagGaussian(SquashedDiagGaussianDistribution):
+class UncheckedSquashedDiagGaussian(_UncheckedNormal, SquashedDiagGaussianDistribution):
     """:class:`SquashedDiagGaussianDistribution` (SAC's actor) without validation."""
-
-    def proba_distribution(  # type: ignore[override]
-        self, mean_actions: torch.Tensor, log_std: torch.Tensor
-    ) -> UncheckedSquashedDiagGaussian:
-        self.distribution = _normal(mean_actions, log_std)
-        return self
 
 
 class UncheckedCategorical(CategoricalDistribution):
