@@ -165,6 +165,9 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
 @click.version_option(package_name="crl")
 def main() -> None:
     """crl: continual learning for RL agents and supervised benchmarks."""
+    from crl.allocator import keep_freed_memory
+
+    keep_freed_memory()  # the command owns the process: reuse freed large blocks
 
 
 def _supervised(**params: Any) -> None:
