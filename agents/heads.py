@@ -22,14 +22,16 @@ def task_index_from_obs(
 ) -> torch.Tensor:
     """Each sample's task: argmax of the one-hot at the end of a Box observation, or of the
     ``task_id`` entry of a Dict observation (what ContinualEnv appends in either case)."""
-    if isinstance(obs, dict):
-        if "task_id" not in obs:
-            raise KeyError(
-                "a multi-head policy on Dict observations needs a 'task_id' entry; build the "
-                "env with ContinualEnv(..., append_task_id=True)"
-            )
-        return obs["task_id"].argmax(dim=-1)
-    return obs[..., -num_tasks:].argmax(dim=-1)
+    if isinstance(obs, dict) and "task_id" not in obs:
+        raise KeyError(
+            "a multi-head policy on Dict observations needs a 'task_id' entry; build the "
+            "env with ContinualEnv(..., append_task_id=True)"
+        )
+    return _one_hot(obs, num_tasks).argmax(dim=-1)
+
+
+def _one_hot(obs: torch.Tensor | dict[str, torch.Tensor], num_tasks: int) -> torch.Tensor:
+    return obs["task_id"] if isinstance(obs, dict) else obs[..., -num_tasks:]
 
 
 TaskIndex = torch.Tensor | int
@@ -51,10 +53,6 @@ def uniform_task(task: torch.Tensor) -> TaskIndex:
     lo, hi = torch.aminmax(flat)
     lo_hi = torch.stack([lo, hi]).tolist()  # one host read for both
     return int(lo_hi[0]) if lo_hi[0] == lo_hi[1] else task
-
-
-def _one_hot(obs: torch.Tensor | dict[str, torch.Tensor], num_tasks: int) -> torch.Tensor:
-    return obs["task_id"] if isinstance(obs, dict) else obs[..., -num_tasks:]
 
 
 def batch_task(obs: torch.Tensor | dict[str, torch.Tensor], num_tasks: int) -> TaskIndex:

@@ -66,9 +66,10 @@ from crl.checkpoint import (
 )
 from crl.metrics import EvalHistory, bootstrap_ci, summarize
 from crl.plots import plot_task_curves
-from crl.runs import (  # noqa: F401 - re-exported for callers of this module
+from crl.runs import (
     RunFailed,
-    RunFinished,
+    check_metrics_rows,
+    clear_for_resume,
     holds_run,
     raise_if_finished,
     read_run_config,
@@ -757,12 +758,7 @@ def resume(run_dir: str | Path, changes: Mapping[str, Any] | None = None, *,
     run_dir = Path(run_dir)
     saved = load_run_config(run_dir)
     raise_if_finished(run_dir)
-    ckpt_file = checkpoint_path(run_dir)
-    state = load_checkpoint(ckpt_file)
-    missing = [k for k in _CHECKPOINT_KEYS if k not in state]
-    if state.get("kind") != "rl" or missing:
-        raise CheckpointError(f"{ckpt_file} is not a checkpoint of a `crl train` run (kind "
-                              f"{state.get('kind')!r}, missing {missing})")
+    state = _load_rl_checkpoint(run_dir, _CHECKPOINT_KEYS)
     try:
         config = RunConfig(**_merge(config_fields(saved), dict(changes or {})))
     except TypeError as exc:
@@ -775,26 +771,10 @@ def resume(run_dir: str | Path, changes: Mapping[str, Any] | None = None, *,
     plan = _plan(config, bounds=bounds)
     check_compatible(state["config"], plan.resolved, what="configuration",
                      ignore=RESUME_MAY_CHANGE)
-    metrics_file = run_dir / "metrics.jsonl"
-    rows = sum(1 for _ in metrics_file.open("rb")) if metrics_file.is_file() else 0
-    if rows < int(state["tracker_rows"]):
-        raise CheckpointError(
-            f"{metrics_file} has {rows} rows but the checkpoint saw {state['tracker_rows']}: "
-            "the metrics file was edited or replaced; restore it, or start the run again"
-        )
-    env = plan.sequence.make_env(append_task_id=True)
-    try:
-        agent = make_agent(config, env, plan.sequence)
-        writer = TrackerWriter(None)
-        agent.set_logger(Logger(folder=None, output_formats=[writer]))
-        notes = load_agent_state(agent, state["agent"], sequence=plan.sequence.name)
-    except BaseException:
-        env.close()
-        raise
-    # validated: from here on the run directory may change
-    (run_dir / "failed.json").unlink(missing_ok=True)
-    for stale in ckpt_file.parent.glob(".*.tmp"):  # a write cut short by a kill
-        stale.unlink(missing_ok=True)
+    check_metrics_rows(run_dir, int(state["tracker_rows"]))
+    writer = TrackerWriter(None)
+    env, agent, notes = _rebuild_agent(config, plan.sequence, state["agent"], [writer])
+    clear_for_resume(run_dir)  # validated: from here on the run directory may change
     return _execute(plan, run_dir, resume=_Resume(state, env, agent, writer, notes),
                     keep_agent=keep_agent)
 
@@ -803,16 +783,35 @@ def load_agent(run_dir: str | Path) -> Any:
     """The agent of a run's last checkpoint (weights, optimisers, strategy, replay buffer,
     position in the sequence) on a new training env of its sequence, ready to continue or to
     evaluate. The global RNGs are left alone."""
-    state = load_checkpoint(checkpoint_path(run_dir))
-    if state.get("kind") != "rl" or "agent" not in state:
-        raise CheckpointError(f"{checkpoint_path(run_dir)} is not a `crl train` checkpoint")
+    state = _load_rl_checkpoint(run_dir, ("config", "agent"))
     config = RunConfig(**config_fields(state["config"]))
-    sequence = load_sequence(config)
+    return _rebuild_agent(config, load_sequence(config), state["agent"], [])[1]
+
+
+def _load_rl_checkpoint(run_dir: str | Path, keys: Sequence[str]) -> dict[str, Any]:
+    """A `crl train` checkpoint holding ``keys``; anything else is a :class:`CheckpointError`."""
+    ckpt_file = checkpoint_path(run_dir)
+    state = load_checkpoint(ckpt_file)
+    missing = [k for k in keys if k not in state]
+    if state.get("kind") != "rl" or missing:
+        raise CheckpointError(f"{ckpt_file} is not a checkpoint of a `crl train` run (kind "
+                              f"{state.get('kind')!r}, missing {missing})")
+    return state
+
+
+def _rebuild_agent(config: RunConfig, sequence: TaskSequence, saved: Mapping[str, Any],
+                   outputs: list[KVWriter]) -> tuple[Any, Any, list[str]]:
+    """(training env, agent, notes on what is not bit-exact) from a checkpoint's agent state,
+    the SB3 logger writing to ``outputs``; the env is closed if anything fails."""
     env = sequence.make_env(append_task_id=True)
-    agent = make_agent(config, env, sequence)
-    agent.set_logger(Logger(folder=None, output_formats=[]))
-    load_agent_state(agent, state["agent"], sequence=sequence.name)
-    return agent
+    try:
+        agent = make_agent(config, env, sequence)
+        agent.set_logger(Logger(folder=None, output_formats=outputs))
+        notes = load_agent_state(agent, saved, sequence=sequence.name)
+    except BaseException:
+        env.close()
+        raise
+    return env, agent, notes
 
 
 def _describe(position: Position, stages: Sequence[Stage], names: Sequence[str]) -> str:

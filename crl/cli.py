@@ -190,7 +190,7 @@ def _supervised(**params: Any) -> None:
     for cfg in configs:
         if cfg.seed not in benchmarks:  # the benchmark depends on the seed, not the method
             benchmarks[cfg.seed] = build_benchmark(cfg, data)
-        with _supervised_failures():
+        with _run_failures():
             res = run_experiment(cfg, benchmark=benchmarks[cfg.seed],
                                  run_dir=None if run_path is None else Path(run_path))
         rows.append(res.summary)
@@ -234,7 +234,7 @@ def _supervised_run_options() -> list[click.Option]:
 
 
 def _check_run_path(run_path: str, configs: list[Any]) -> None:
-    from crl.supervised.experiment import holds_run
+    from crl.runs import holds_run
 
     if len(configs) > 1:
         raise click.UsageError(
@@ -250,14 +250,27 @@ def _check_run_path(run_path: str, configs: list[Any]) -> None:
 
 
 @contextlib.contextmanager
-def _supervised_failures() -> Iterator[None]:
-    """A diverged run is a clear error (exit code 1) naming the fix and the checkpoint."""
-    from crl.supervised.experiment import RunFailed
+def _run_failures(run_dir: str | None = None) -> Iterator[None]:
+    """Diverged runs and checkpoint problems of `crl train` and `crl supervised`: a clear
+    message naming the fix and the checkpoint, and exit code 1."""
+    from crl.checkpoint import CheckpointError
+    from crl.runs import RunFailed
 
     try:
         yield
     except RunFailed as exc:
         raise click.ClickException(str(exc)) from exc
+    except CheckpointError as exc:
+        raise click.ClickException(
+            f"cannot resume {run_dir}: {exc}" if run_dir else str(exc)) from exc
+
+
+def _echo_finished(run_dir: str, results: dict[str, Any], key: str, label: str,
+                   spec: str) -> None:
+    """What `--resume` of a run that already wrote results.json says (it runs nothing)."""
+    value = results.get(key)
+    shown = f", {label} {value:{spec}}" if isinstance(value, float) else ""
+    click.echo(f"{run_dir} already finished (results.json{shown}); nothing to resume.")
 
 
 def _resume_config(saved: dict[str, Any], given: dict[str, Any]) -> Any:
@@ -294,20 +307,18 @@ def _resume_config(saved: dict[str, Any], given: dict[str, Any]) -> Any:
 def _supervised_resume(run_dir: str, run_path: str | None, params: dict[str, Any]) -> None:
     """`crl supervised --resume RUN_DIR`: validate everything, then continue the run."""
     from crl.checkpoint import CheckpointError
-    from crl.supervised.experiment import RunFinished, load_run_config, resume_experiment
+    from crl.runs import RunFinished
+    from crl.supervised.experiment import load_run_config, resume_experiment
     from crl.supervised.mnist import MNISTError
 
     if run_path is not None:
         raise click.UsageError("--resume continues the run where it is; drop --run-path")
     try:
         config = _resume_config(load_run_config(run_dir), _resolve(params))
-        with _supervised_failures():
+        with _run_failures(run_dir):
             res = resume_experiment(run_dir, config)
     except RunFinished as done:
-        avg = done.results.get("avg_acc")
-        click.echo(f"{run_dir} already finished (results.json"
-                   + (f", average accuracy {avg:.4f}" if isinstance(avg, float) else "")
-                   + "); nothing to resume.")
+        _echo_finished(run_dir, done.results, "avg_acc", "average accuracy", ".4f")
         return
     except CheckpointError as exc:
         raise click.ClickException(f"cannot resume {run_dir}: {exc}") from exc
@@ -567,21 +578,6 @@ def _train_run_options() -> list[click.Option]:
     ]
 
 
-@contextlib.contextmanager
-def _train_failures(run_dir: str | None = None) -> Iterator[None]:
-    """Checkpoint problems and diverged runs: a clear message and exit code 1."""
-    from agents.runner import RunFailed
-    from crl.checkpoint import CheckpointError
-
-    try:
-        yield
-    except RunFailed as exc:
-        raise click.ClickException(str(exc)) from exc
-    except CheckpointError as exc:
-        raise click.ClickException(
-            f"cannot resume {run_dir}: {exc}" if run_dir else str(exc)) from exc
-
-
 def _train_changes(flat: dict[str, Any]) -> dict[str, Any]:
     """The options given to `crl train --resume`, as RunConfig fields (nested for agent and
     method options): each must agree with the run's config, or name a field that may change."""
@@ -601,16 +597,15 @@ def _train_resume(run_dir: str, params: dict[str, Any]) -> None:
     """`crl train --resume RUN_DIR`: validate everything, then continue the run."""
     if params.get("run_path") is not None:
         raise click.UsageError("--resume continues the run where it is; drop --run-path")
-    with _rl_usage_errors(), _train_failures(run_dir):
-        from agents.runner import RunFinished, resume
+    with _rl_usage_errors(), _run_failures(run_dir):
+        from agents.runner import resume
+        from crl.runs import RunFinished
 
         try:
             result = resume(run_dir, _train_changes(_resolve(params)))
         except RunFinished as done:
-            perf = done.results.get("final_performance")
-            click.echo(f"{run_dir} already finished (results.json"
-                       + (f", performance P(T) {perf:.3f}" if isinstance(perf, float) else "")
-                       + "); nothing to resume.")
+            _echo_finished(run_dir, done.results, "final_performance", "performance P(T)",
+                           ".3f")
             return
     _print_train_result(result)
 
@@ -619,7 +614,7 @@ def _train(resume: str | None = None, **params: Any) -> None:
     if resume is not None:
         _train_resume(resume, params)
         return
-    with _rl_usage_errors(), _train_failures():
+    with _rl_usage_errors(), _run_failures():
         from agents.runner import train
 
         config = _run_config(_resolve(params))

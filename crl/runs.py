@@ -17,7 +17,8 @@ from typing import Any
 
 import yaml
 
-from crl.tracking import atomic_write_text, to_builtin
+from crl.checkpoint import CheckpointError, checkpoint_path
+from crl.tracking import atomic_write_text, count_lines, to_builtin
 
 #: Files whose presence means a directory already holds a run.
 RUN_FILES = ("config.yaml", "metrics.jsonl", "results.json", "checkpoints")
@@ -102,6 +103,26 @@ def read_run_config(run_dir: str | Path, kind: str) -> dict[str, Any]:
         raise RunDirError(f"{path} is not the config of a `crl {kind}` run (no {key!r} "
                           f"key){hint}")
     return data
+
+
+def check_metrics_rows(run_dir: str | Path, expected: int) -> None:
+    """A resume cuts ``metrics.jsonl`` back to the rows its checkpoint saw; fewer rows than
+    that mean the file was changed, a :class:`CheckpointError` before anything is written."""
+    path = Path(run_dir) / "metrics.jsonl"
+    rows = count_lines(path)
+    if rows < expected:
+        raise CheckpointError(
+            f"{path} has {rows} rows but the checkpoint saw {expected}: the metrics file was "
+            "edited or replaced; restore it, or start the run again"
+        )
+
+
+def clear_for_resume(run_dir: str | Path) -> None:
+    """Once a resume is validated: drop the failure record and the temporary file of a
+    checkpoint write cut short by a kill."""
+    (Path(run_dir) / FAILED).unlink(missing_ok=True)
+    for stale in checkpoint_path(run_dir).parent.glob(".*.tmp"):
+        stale.unlink(missing_ok=True)
 
 
 def record_failure(run_dir: str | Path, exc: BaseException, details: Mapping[str, Any]) -> Path:

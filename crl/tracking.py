@@ -66,7 +66,8 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda fh: fh.write(text.encode()))
 
 
-def _count_lines(path: Path) -> int:
+def count_lines(path: Path) -> int:
+    """Rows of a JSON-lines file (0 when it does not exist)."""
     if not path.is_file():
         return 0
     with path.open("rb") as fh:
@@ -118,7 +119,7 @@ class RunTracker:
             self._truncate_metrics(metrics_path, resume_rows)
             if resume_id is None:
                 resume_id = self.previous_wandb_id(self.run_dir)
-        self.rows = _count_lines(metrics_path)
+        self.rows = count_lines(metrics_path)
         self._metrics = metrics_path.open("a")
         self.finished = False
         self.wandb_mode = "disabled"

@@ -28,10 +28,11 @@ from click.testing import CliRunner
 from stable_baselines3.common.logger import Logger
 
 from agents.checkpoint import agent_state, load_agent_state, restore_agent, save_agent
-from agents.runner import RunConfig, RunFailed, load_agent, make_agent, train
+from agents.runner import RunConfig, load_agent, make_agent, train
 from agents.sac import ContinualSAC
 from crl.checkpoint import CheckpointError, checkpoint_path, load_checkpoint
 from crl.cli import main
+from crl.runs import RunFailed
 from envs.registry import get_sequence
 
 #: Wall-clock fields of metrics rows and results.json (everything else must be equal).

@@ -47,9 +47,10 @@ from crl.checkpoint import (
     save_checkpoint,
 )
 from crl.plots import plot_average_and_forgetting
-from crl.runs import (  # noqa: F401 - re-exported for callers of this module
+from crl.runs import (
     RunFailed,
-    RunFinished,
+    check_metrics_rows,
+    clear_for_resume,
     holds_run,
     raise_if_finished,
     read_run_config,
@@ -71,7 +72,6 @@ from crl.tracking import RunTracker, to_builtin
 #: Config keys a resume may change: they do not change what the run computes.
 RESUME_MAY_CHANGE = ("trainer.progress", "trainer.checkpoint_every", "data_dir", "download",
                      "run_dir", "wandb")
-#: Files whose presence marks a directory as holding a run.
 
 JOINT = "joint"
 
@@ -320,17 +320,8 @@ def resume_experiment(
             f"{state['data']} in the checkpoint, {fingerprint} now); point --data-dir (or "
             "$CRL_DATA_DIR) at the run's own MNIST files"
         )
-    metrics_file = run_dir / "metrics.jsonl"
-    rows = sum(1 for _ in metrics_file.open("rb")) if metrics_file.is_file() else 0
-    if rows < int(state["rows"]):
-        raise CheckpointError(
-            f"{metrics_file} has {rows} rows but the checkpoint saw {state['rows']}: the "
-            "metrics file was edited or replaced; restore it, or start the run again"
-        )
-    # validated: from here on the run directory may change
-    (run_dir / "failed.json").unlink(missing_ok=True)
-    for stale in checkpoint_path(run_dir).parent.glob(".*.tmp"):  # a write cut by a kill
-        stale.unlink(missing_ok=True)
+    check_metrics_rows(run_dir, int(state["rows"]))
+    clear_for_resume(run_dir)  # validated: from here on the run directory may change
     return _execute(config, benchmark, run_dir, resolved, resume=state)
 
 
