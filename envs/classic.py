@@ -1,4 +1,5 @@
-"""Classic-control tasks and sequences: CartPole and Pendulum with changed physics.
+"""Classic-control tasks and sequences: CartPole and Pendulum with changed physics, Acrobot,
+and the rotated-observation sequences (the RL counterpart of permuted MNIST).
 
 Perturbations are absolute values of the Gymnasium env attributes (see
 :func:`envs.wrappers.cartpole_physics` / :func:`envs.wrappers.pendulum_physics`); defaults of
@@ -8,10 +9,15 @@ pole); Pendulum g 10.0, m 1.0, l 1.0.
 
 from __future__ import annotations
 
+import dataclasses
+
 from envs.sequence import TaskSequence
 from envs.spec import TaskSpec, WrapperSpec
 
 CARTPOLE_HORIZON = 200  # CartPole-v0's horizon: shorter than v1's 500, so demos learn faster
+#: Pendulum-v1 has no reward_threshold; -150 is about the mean return of a swing-up policy
+#: over random starts (the first ~100 steps of a start hanging down cost about -100 to -150)
+PENDULUM_HIGH = -150.0
 
 
 def cartpole_task(
@@ -57,11 +63,13 @@ def pendulum_task(
     m: float | None = None,
     l: float | None = None,  # noqa: E741
     reverse_torque: bool = False,
+    high: float | None = None,
 ) -> TaskSpec:
     """Pendulum-v1 with changed gravity, mass, length and/or reversed torque.
 
-    Score bounds are left to measurement (random policy and reference run): the best
-    achievable return depends on the physics.
+    Score bounds: ``low`` is measured (random policy); ``high`` is measured by the reference
+    run unless given: the best achievable return depends on the physics
+    (:data:`PENDULUM_HIGH` for the unchanged pendulum).
     """
     physics = {k: v for k, v in dict(g=g, m=m, l=l).items() if v is not None}
     wrappers = []
@@ -69,7 +77,58 @@ def pendulum_task(
         wrappers.append(WrapperSpec("pendulum_physics", physics))
     if reverse_torque:
         wrappers.append(WrapperSpec("negate_actions"))
-    return TaskSpec("Pendulum-v1", wrappers=wrappers, name=name)
+    return TaskSpec("Pendulum-v1", wrappers=wrappers, name=name, high=high)
+
+
+ACROBOT_HIGH = -100.0  # Gymnasium's reward_threshold of Acrobot-v1
+
+
+def acrobot_task(name: str = "acrobot", *, reverse_torque: bool = False) -> TaskSpec:
+    """Acrobot-v1 (reward -1 per step until the tip swings above the bar, 500-step limit).
+
+    Score bounds: ``low`` is measured (a random policy scores about -500); ``high`` is
+    Gymnasium's reward_threshold for the task, -100, so a score of 1 means "solved".
+    ``reverse_torque`` swaps the -1 and +1 torque actions.
+    """
+    wrappers = []
+    if reverse_torque:
+        wrappers.append(WrapperSpec("permute_actions", {"permutation": [2, 1, 0]}))
+    return TaskSpec("Acrobot-v1", wrappers=wrappers, name=name, high=ACROBOT_HIGH)
+
+
+def rotated(task: TaskSpec, name: str, seed: int) -> TaskSpec:
+    """``task`` seen through a fixed random rotation of its observation, drawn from ``seed``
+    (:class:`envs.wrappers.RandomObservationMap`): the same dynamics, rewards and bounds."""
+    wrapper = WrapperSpec("random_observation_map", {"seed": seed, "kind": "rotation"})
+    return dataclasses.replace(task, name=name, wrappers=(*task.wrappers, wrapper))
+
+
+def cartpole_rotated() -> TaskSequence:
+    """CartPole seen through three fixed random rotations of its 4-d state (seeds 1-3).
+
+    Like permuted MNIST, the tasks share dynamics and optimal behaviour but not features.
+    With one head per task the heads and the trunk's spare capacity keep the tasks apart
+    (multi-head finetune hardly forgets); with ``--single-head`` the task one-hot is the only
+    cue, and finetune forgets. 40,960 steps per task are 20 rollouts of PPO's 2048.
+    """
+    return TaskSequence(
+        "CartPoleRotated",
+        [rotated(cartpole_task(f"cartpole-rot{k}"), f"cartpole-rot{k}", k) for k in (1, 2, 3)],
+        steps_per_task=40_960,
+        description="CartPole through 3 random rotations of its state (PPO, permuted-MNIST-like)",
+    )
+
+
+def pendulum_rotated() -> TaskSequence:
+    """Pendulum seen through three fixed random rotations of its 3-d observation (seeds
+    1-3): the SAC counterpart of :func:`cartpole_rotated`."""
+    return TaskSequence(
+        "PendulumRotated",
+        [rotated(pendulum_task(f"pendulum-rot{k}", high=PENDULUM_HIGH), f"pendulum-rot{k}", k)
+         for k in (1, 2, 3)],
+        steps_per_task=15_000,
+        description="Pendulum through 3 random rotations of its state (SAC, permuted-MNIST-like)",
+    )
 
 
 def cartpole_swap() -> TaskSequence:
@@ -121,4 +180,6 @@ SEQUENCES = {
     "CartPoleSwap": cartpole_swap,
     "CartPoleVariants": cartpole_variants,
     "PendulumVariants": pendulum_variants,
+    "CartPoleRotated": cartpole_rotated,
+    "PendulumRotated": pendulum_rotated,
 }

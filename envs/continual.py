@@ -37,9 +37,8 @@ import numpy as np
 from gymnasium import spaces
 
 from envs.sequence import TaskSequence
-from envs.spaces import UnifiedSpaces, unify_spaces
+from envs.spaces import UnifiedSpaces, adapt_task_env, unify_spaces
 from envs.spec import EnvConfigError
-from envs.wrappers import PadObservation
 
 _NONE, _FLAT, _DICT = 0, 1, 2  # how the task id joins the observation
 
@@ -66,7 +65,7 @@ def _build_task_envs(
             e.close()
         raise
     sequence.__dict__["_unified_spaces"] = unified  # cache: eval envs need no rebuild
-    envs = [PadObservation(e, n) if n else e for e, n in zip(envs, unified.pad_to, strict=True)]
+    envs = [adapt_task_env(e, unified, i) for i, e in enumerate(envs)]
     return envs, unified
 
 
@@ -418,8 +417,7 @@ def make_task_env(
     task_index = int(task_index)
     unified = sequence_spaces(sequence)
     env = sequence.tasks[task_index].make(render_mode=render_mode)
-    if unified.pad_to[task_index]:
-        env = PadObservation(env, unified.pad_to[task_index])
+    env = adapt_task_env(env, unified, task_index)
     return TaskIdWrapper(
         env,
         task_index,

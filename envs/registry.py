@@ -16,7 +16,7 @@ from typing import Any
 
 import gymnasium as gym
 
-from envs import atari, classic, metaworld, mujoco
+from envs import atari, classic, metaworld, mixed, mujoco
 from envs.continual import ContinualEnv, SwitchMode
 from envs.sequence import TaskSequence
 from envs.spec import EnvConfigError
@@ -26,6 +26,7 @@ VERSION = 0
 
 SEQUENCES: dict[str, Callable[..., TaskSequence]] = {
     **classic.SEQUENCES,
+    **mixed.SEQUENCES,
     **atari.SEQUENCES,
     **mujoco.SEQUENCES,
     **metaworld.SEQUENCES,

@@ -56,6 +56,45 @@ def permute_actions(env: gym.Env, permutation: Sequence[int]) -> gym.Env:
     return TransformAction(env, partial(_lookup, perm), space)
 
 
+def _first(k: int, action: np.ndarray) -> np.ndarray:
+    return action[:k]
+
+
+def pad_actions(env: gym.Env, n: int, fill: int = 0) -> gym.Env:
+    """Widen the action space to ``n`` actions, so tasks from different envs share one policy
+    output; the sequence builder does this by itself (:mod:`envs.spaces`).
+
+    * Discrete (CartPole's 2 actions beside Acrobot's 3): ``Discrete(n)``, the extra actions
+      execute ``fill``;
+    * flat Box (Pendulum's one torque beside Reacher's two): ``n`` entries, the extra ones
+      bounded like the first and ignored (their only effect is the policy's entropy).
+    """
+    space = env.action_space
+    if isinstance(space, spaces.Box) and len(space.shape) == 1:
+        k = int(space.shape[0])
+    elif isinstance(space, spaces.Discrete) and int(space.start) == 0:
+        k = int(space.n)
+    else:
+        raise EnvConfigError(
+            f"pad_actions needs a Discrete action space that starts at 0 or a flat Box, got "
+            f"{space}."
+        )
+    if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < k:
+        raise EnvConfigError(f"pad_actions: n must be an integer >= {k} (the env's actions), "
+                             f"got {n!r}.")
+    n = int(n)
+    if isinstance(space, spaces.Box):
+        extra = n - k
+        low = np.concatenate((space.low, np.full(extra, space.low[0], space.dtype)))
+        high = np.concatenate((space.high, np.full(extra, space.high[0], space.dtype)))
+        return TransformAction(env, partial(_first, k), spaces.Box(low, high, dtype=space.dtype))
+    if not 0 <= int(fill) < k:
+        raise EnvConfigError(f"pad_actions: fill must be one of the env's actions 0..{k - 1}, "
+                             f"got {fill!r}.")
+    table = tuple(range(k)) + (int(fill),) * (n - k)
+    return TransformAction(env, partial(_lookup, table), spaces.Discrete(n))
+
+
 def negate_actions(env: gym.Env) -> gym.Env:
     """Box actions: the env receives ``-a`` (e.g. reversed torque on Pendulum).
 
@@ -95,6 +134,96 @@ def flip_observation(env: gym.Env, axes: int | Sequence[int] = -1) -> gym.Env:
         np.flip(space.low, ax).copy(), np.flip(space.high, ax).copy(), dtype=space.dtype
     )
     return TransformObservation(env, partial(_flip, ax), flipped)
+
+
+def box_as_dtype(space: spaces.Box, dtype: Any) -> spaces.Box:
+    """The Box with its bounds cast as :func:`cast_observation` casts observations
+    (rounding is monotone, so cast observations stay inside the cast bounds)."""
+    dtype = np.dtype(dtype)
+    with np.errstate(over="ignore"):
+        return spaces.Box(space.low.astype(dtype), space.high.astype(dtype), dtype=dtype)
+
+
+def _astype(dtype: np.dtype, obs: np.ndarray) -> np.ndarray:
+    return np.asarray(obs, dtype=dtype)
+
+
+def cast_observation(env: gym.Env, dtype: Any = "float32") -> gym.Env:
+    """Cast a Box observation to ``dtype`` (MuJoCo's float64 to classic control's float32),
+    bounds included; Gymnasium's ``DtypeObservation`` keeps float64 bounds and warns."""
+    space = env.observation_space
+    if not isinstance(space, spaces.Box):
+        raise EnvConfigError(f"cast_observation needs a Box observation space, got {space}.")
+    try:
+        dt = np.dtype(dtype)
+    except TypeError as exc:
+        raise EnvConfigError(f"cast_observation: {dtype!r} is not a NumPy dtype.") from exc
+    return TransformObservation(env, partial(_astype, dt), box_as_dtype(space, dt))
+
+
+class RandomObservationMap(gym.ObservationWrapper, gym.utils.RecordConstructorArgs):
+    """A fixed random linear map of a flat observation, drawn from ``seed``: the RL
+    counterpart of permuted MNIST (each task sees the same dynamics through other features).
+
+    * ``kind="rotation"``: a Haar-random orthogonal matrix (QR of a Gaussian matrix with the
+      signs of R's diagonal moved into Q, Mezzadri 2007, "How to generate random matrices from
+      the classical compact groups"), so lengths and the information in the state are kept;
+    * ``kind="projection"``: a Gaussian matrix to ``dim`` outputs, entries N(0, 1/n_in), so
+      each output has the scale of one input; ``dim >= n_in`` keeps the state recoverable.
+
+    The same ``seed`` gives the same map on any machine (NumPy's PCG64), so a task is defined
+    by its seed; a sequence gives each task its own. Observations become float32.
+    """
+
+    def __init__(
+        self, env: gym.Env, seed: int, kind: str = "rotation", dim: int | None = None
+    ):
+        gym.utils.RecordConstructorArgs.__init__(self, seed=seed, kind=kind, dim=dim)
+        gym.ObservationWrapper.__init__(self, env)
+        space = env.observation_space
+        if not isinstance(space, spaces.Box) or len(space.shape) != 1:
+            raise EnvConfigError(
+                f"random_observation_map needs a flat (1-D) Box observation space, got {space}."
+            )
+        if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+            raise EnvConfigError(
+                f"random_observation_map: seed must be a non-negative integer, got {seed!r}."
+            )
+        n = int(space.shape[0])
+        rng = np.random.default_rng([int(seed), 0x726F74])
+        if kind == "rotation":
+            if dim not in (None, n):
+                raise EnvConfigError(
+                    f"random_observation_map: a rotation keeps the {n} entries; drop dim "
+                    f"(got {dim}) or use kind='projection'."
+                )
+            q, r = np.linalg.qr(rng.standard_normal((n, n)))
+            matrix = q * np.sign(np.diag(r))
+        elif kind == "projection":
+            if isinstance(dim, bool) or not isinstance(dim, int | np.integer) or dim < 1:
+                raise EnvConfigError(
+                    f"random_observation_map: kind='projection' needs dim, a positive integer "
+                    f"(outputs), got {dim!r}."
+                )
+            matrix = rng.standard_normal((int(dim), n)) / np.sqrt(n)
+        else:
+            raise EnvConfigError(
+                f"random_observation_map: kind must be 'rotation' or 'projection', got {kind!r}."
+            )
+        self.matrix = matrix.astype(np.float32)
+        self.matrix.flags.writeable = False
+        # interval arithmetic of the bounds; infinite inputs give infinite outputs
+        pos, neg = np.clip(matrix, 0, None), np.clip(matrix, None, 0)
+        low, high = space.low.astype(np.float64), space.high.astype(np.float64)
+        with np.errstate(invalid="ignore"):
+            new_low = np.nan_to_num(pos @ low + neg @ high, nan=-np.inf)
+            new_high = np.nan_to_num(pos @ high + neg @ low, nan=np.inf)
+        self.observation_space = spaces.Box(
+            new_low.astype(np.float32), new_high.astype(np.float32), dtype=np.float32
+        )
+
+    def observation(self, observation: np.ndarray) -> np.ndarray:
+        return self.matrix @ np.asarray(observation, dtype=np.float32)
 
 
 class NoisyObservation(gym.ObservationWrapper, gym.utils.RecordConstructorArgs):
@@ -231,6 +360,9 @@ def _mujoco_physics(env: gym.Env, **kwargs: Any) -> gym.Env:
 
 WRAPPERS: dict[str, Callable[..., gym.Env]] = {
     "permute_actions": permute_actions,
+    "pad_actions": pad_actions,
+    "cast_observation": cast_observation,
+    "random_observation_map": RandomObservationMap,
     "negate_actions": negate_actions,
     "flip_observation": flip_observation,
     "noisy_observation": NoisyObservation,

@@ -23,7 +23,8 @@ Format (every key but ``name``, ``tasks`` and ``steps_per_task`` is optional)::
             kwargs: {permutation: [1, 0]}
           - RecordEpisodeStatistics
       - atari: {game: Pong, transform: hflip}   # shortcuts to the built-in task builders:
-      - metaworld: {env_name: hammer-v3}        # atari, cartpole, pendulum, mujoco, metaworld
+      - metaworld: {env_name: hammer-v3}        # atari, cartpole, pendulum, acrobot, mujoco,
+                                                # metaworld
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ _TASK_KEYS = {"env_id", "name", "kwargs", "wrappers", "low", "high", "requires",
 
 def _builders() -> dict[str, Callable[..., TaskSpec]]:
     from envs.atari import atari_task
-    from envs.classic import cartpole_task, pendulum_task
+    from envs.classic import acrobot_task, cartpole_task, pendulum_task
     from envs.metaworld import metaworld_task
     from envs.mujoco import mujoco_task
 
@@ -59,6 +60,9 @@ def _builders() -> dict[str, Callable[..., TaskSpec]]:
     def pendulum(name: str = "pendulum", **kw: Any) -> TaskSpec:
         return pendulum_task(name, **kw)
 
+    def acrobot(name: str = "acrobot", **kw: Any) -> TaskSpec:
+        return acrobot_task(name, **kw)
+
     def mujoco(env_id: str, name: str | None = None, **kw: Any) -> TaskSpec:
         return mujoco_task(env_id, name or env_id, **kw)
 
@@ -66,6 +70,7 @@ def _builders() -> dict[str, Callable[..., TaskSpec]]:
         "atari": atari,
         "cartpole": cartpole,
         "pendulum": pendulum,
+        "acrobot": acrobot,
         "mujoco": mujoco,
         "metaworld": metaworld_task,
     }
