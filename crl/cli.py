@@ -68,12 +68,44 @@ def _supervised_options() -> list[click.Option]:
         click.Option(["--wandb-project"], type=str),
         click.Option(["--group"], type=str, help="W&B group / run-dir folder."),
     ]
+    opts.extend(_method_flag_options("supervised"))
+    return opts
+
+
+def _show(value: Any) -> str:
+    return "none" if value is None else str(value)
+
+
+def method_default_text(mo: Any, command: str) -> str:
+    """The default a run of ``command`` (``supervised`` or ``train``) really uses for a
+    method option, from the same tables the runs read: supervised defaults, or RL defaults
+    per agent (``agents.method_defaults``), else the constructor's."""
+    if command == "supervised":
+        from crl.supervised.experiment import SUPERVISED_METHOD_DEFAULTS
+
+        return _show(SUPERVISED_METHOD_DEFAULTS.get(mo.method, {}).get(mo.param, mo.default))
+    from agents.method_defaults import RL_METHOD_DEFAULTS, rl_method_options
+
+    per_agent = {a: rl_method_options(a, mo.method).get(mo.param, mo.default)
+                 for a in RL_METHOD_DEFAULTS}
+    if mo.param == "max_samples" and all(v is None for v in per_agent.values()):
+        return "all the task's --importance-samples"
+    if mo.method == "agem" and mo.param == "batch_size":
+        return ("the agent's batch size: " + ", ".join(
+            f"{a.upper()} {_show(v)}" for a, v in per_agent.items()) + " unless --batch-size")
+    if len({repr(v) for v in per_agent.values()}) == 1:
+        return _show(next(iter(per_agent.values())))
+    return ", ".join(f"{a.upper()} {_show(v)}" for a, v in per_agent.items())
+
+
+def _method_flag_options(command: str) -> list[click.Option]:
+    """One flag per method option, its help showing the default ``command`` resolves."""
+    opts = []
     for mo in method_options():
         names = [f"--{mo.flag}/--no-{mo.flag}"] if mo.type is bool else [f"--{mo.flag}"]
-        opts.append(
-            click.Option(names, mo.dest, type=mo.type, default=None,
-                         help=f"{mo.method}: {mo.param} [{mo.default}]")
-        )
+        opts.append(click.Option([*names, mo.dest], type=mo.type, default=None,
+                                 help=f"{mo.method}: {mo.param} "
+                                 f"[{method_default_text(mo, command)}]"))
     return opts
 
 
@@ -347,16 +379,24 @@ def list_group() -> None:
 @list_group.command("methods")
 def list_methods() -> None:
     """Methods and their options (CLI flag and default)."""
-    t = Table(title="methods")
-    t.add_column("method")
-    t.add_column("options")
-    by_method: dict[str, list[str]] = {}
-    for mo in method_options():
-        by_method.setdefault(mo.method, []).append(f"--{mo.flag} [{mo.default}]")
+    from agents.method_defaults import RL_METHOD_DEFAULTS
     from crl.strategies import METHODS
 
+    t = Table(title="methods: options and the defaults runs use (crl supervised / crl train)")
+    t.add_column("method")
+    t.add_column("option")
+    t.add_column("supervised")
+    t.add_column("train (" + ", ".join(a.upper() for a in RL_METHOD_DEFAULTS) + ")")
+    by_method: dict[str, list[Any]] = {}
+    for mo in method_options():
+        by_method.setdefault(mo.method, []).append(mo)
     for m in METHODS:
-        t.add_row(m, "  ".join(by_method.get(m, [])) or "-")
+        if not by_method.get(m):
+            t.add_row(m, "-", "", "")
+        for k, mo in enumerate(by_method.get(m, [])):
+            t.add_row(m if k == 0 else "", f"--{mo.flag}",
+                      escape(method_default_text(mo, "supervised")),
+                      escape(method_default_text(mo, "train")))
     console.print(t)
 
 
@@ -472,10 +512,7 @@ def _rl_options() -> list[click.Option]:
         opt(["--save-model/--no-save-model", "save_model"], default=None,
             help="Write checkpoints/agent.zip and the strategy state. [save]"),
     ]
-    for mo in method_options():
-        names = [f"--{mo.flag}/--no-{mo.flag}"] if mo.type is bool else [f"--{mo.flag}"]
-        opts.append(click.Option(names, mo.dest, type=mo.type, default=None,
-                                 help=f"{mo.method}: {mo.param} [{mo.default}]"))
+    opts.extend(_method_flag_options("train"))
     return opts
 
 
