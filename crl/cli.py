@@ -76,6 +76,12 @@ def _show(value: Any) -> str:
     return "none" if value is None else str(value)
 
 
+def _show_default(mo: Any, value: Any) -> str:
+    if mo.type is list and value is None:
+        return "none: equal shares per task"
+    return _show(value)
+
+
 def method_default_text(mo: Any, command: str) -> str:
     """The default a run of ``command`` (``supervised`` or ``train``) really uses for a
     method option, from the same tables the runs read: supervised defaults, or RL defaults
@@ -83,7 +89,8 @@ def method_default_text(mo: Any, command: str) -> str:
     if command == "supervised":
         from crl.supervised.experiment import SUPERVISED_METHOD_DEFAULTS
 
-        return _show(SUPERVISED_METHOD_DEFAULTS.get(mo.method, {}).get(mo.param, mo.default))
+        return _show_default(
+            mo, SUPERVISED_METHOD_DEFAULTS.get(mo.method, {}).get(mo.param, mo.default))
     from agents.method_defaults import RL_METHOD_DEFAULTS, rl_method_options
 
     per_agent = {a: rl_method_options(a, mo.method).get(mo.param, mo.default)
@@ -94,8 +101,22 @@ def method_default_text(mo: Any, command: str) -> str:
         return ("the agent's batch size: " + ", ".join(
             f"{a.upper()} {_show(v)}" for a, v in per_agent.items()) + " unless --batch-size")
     if len({repr(v) for v in per_agent.values()}) == 1:
-        return _show(next(iter(per_agent.values())))
+        return _show_default(mo, next(iter(per_agent.values())))
     return ", ".join(f"{a.upper()} {_show(v)}" for a, v in per_agent.items())
+
+
+class NumberList(click.ParamType):
+    """A list of numbers: ``0.5,0.25,0.25`` on the command line, a list in YAML."""
+
+    name = "NUMBERS"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> list[float]:
+        items = value if isinstance(value, list | tuple) else split_list(str(value))
+        try:
+            return [float(v) for v in items]
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a comma-separated list of numbers (e.g. 0.5,0.25)",
+                      param, ctx)
 
 
 def _method_flag_options(command: str) -> list[click.Option]:
@@ -103,7 +124,8 @@ def _method_flag_options(command: str) -> list[click.Option]:
     opts = []
     for mo in method_options():
         names = [f"--{mo.flag}/--no-{mo.flag}"] if mo.type is bool else [f"--{mo.flag}"]
-        opts.append(click.Option([*names, mo.dest], type=mo.type, default=None,
+        kind = NumberList() if mo.type is list else mo.type
+        opts.append(click.Option([*names, mo.dest], type=kind, default=None,
                                  help=f"{mo.method}: {mo.param} "
                                  f"[{method_default_text(mo, command)}]"))
     return opts
@@ -403,19 +425,23 @@ def list_methods() -> None:
 @list_group.command("sequences")
 def list_sequences() -> None:
     """Built-in task sequences with their tasks and default budget."""
-    from envs.registry import sequence_rows  # lazy: crl itself never imports envs
+    from envs.registry import describe_sequences, sequence_rows  # lazy: crl never imports envs
 
+    if not sys.stdout.isatty():  # piped or redirected: whole names, one block per sequence
+        click.echo(describe_sequences(), nl=False)
+        return
     t = Table(title="task sequences  (gymnasium.make(ID) after `import envs`)")
     for col in ("name", "gymnasium id", "tasks", "steps / task", "cycles", "total steps",
                 "extra"):
-        t.add_column(col)
+        t.add_column(col, overflow="fold")
+    t.columns[0].no_wrap = True
     for r in sequence_rows():
         tasks = r["tasks"] if isinstance(r["tasks"], str) else ", ".join(r["tasks"])
         extra = r["extra"] or "-"
         if r["extra"] and not r["installed"]:
             extra += " (not installed)"
         steps = r["steps_per_task"]
-        steps = f"{steps:,}" if isinstance(steps, int) else str(steps)
+        steps = f"{steps:,}" if isinstance(steps, int) else ", ".join(f"{x:,}" for x in steps)
         t.add_row(r["name"], r["gym_id"], tasks, steps, str(r["cycles"]),
                   f"{r['total_steps']:,}", extra)
     console.print(t)

@@ -39,9 +39,13 @@ class MethodOption:
 
 
 def _base_type(annotation: Any, default: Any) -> type:
-    """The scalar type of a constructor argument (Optional[...] unwrapped)."""
+    """The scalar type of a constructor argument (Optional[...] unwrapped); ``list`` for a
+    sequence of numbers (given as ``0.5,0.25`` on the command line, a list in YAML)."""
     if isinstance(default, bool):
         return bool
+    if isinstance(annotation, str) and annotation.replace(" ", "").startswith(
+            ("Sequence[float]", "list[float]", "Sequence[int]", "list[int]")):
+        return list
     if default is not None and type(default) in (int, float, str):
         return type(default)
     if isinstance(annotation, str):

@@ -327,6 +327,25 @@ def forgetting_from_history(history: EvalHistory, k: int = 5) -> np.ndarray:
     return out
 
 
+def new_task_gain_from_history(history: EvalHistory, k: int = 5) -> np.ndarray:
+    """G_i for the tasks after the first (1 <= i < N), length N-1 (empty for one task).
+
+    G_i = mean(p_i at the last k evaluations inside task i's window) - p_i at the window's
+    first evaluation (before task i is trained on): how much of task i the agent learnt,
+    on the same end-of-task value as forgetting. A method that "forgets less" because it
+    stopped learning shows it here. The first task is left out: no method acts on it, so
+    its gain is the same for every method.
+    """
+    if k < 1:
+        raise ValueError(f"new_task_gain_from_history: k must be >= 1, got {k}.")
+    N = history.n_tasks
+    out = np.empty(max(N - 1, 0))
+    for i in range(1, N):
+        window = _window_scores(history, i, i)
+        out[i - 1] = window[-k:].mean() - window[0]
+    return out
+
+
 def auc(history: EvalHistory, task: int) -> float:
     """Mean of p_task over the evaluations inside task's window [start, end] (inclusive).
 
@@ -421,7 +440,8 @@ def summarize(
 
     Keys: ``final_performance`` (P at the last evaluation), ``performance_auc`` (mean of
     P(t) over all evaluations), ``auc`` (per task), ``forgetting`` (per task i < N-1) and
-    ``mean_forgetting``, ``forward_transfer`` (per task) and ``mean_forward_transfer``
+    ``mean_forgetting``, ``new_task_gain`` (per task i > 0) and ``mean_new_task_gain``,
+    ``forward_transfer`` (per task) and ``mean_forward_transfer``
     (mean over tasks where FT is defined). Where a metric cannot be computed its value is
     nan / None and ``<metric>_reason`` says why.
     """
@@ -439,6 +459,13 @@ def summarize(
     else:
         out["mean_forgetting"] = float("nan")
         out["mean_forgetting_reason"] = "a single task cannot be forgotten"
+    G = new_task_gain_from_history(history, k=k)
+    out["new_task_gain"] = G.tolist()
+    if G.size:
+        out["mean_new_task_gain"] = float(G.mean())
+    else:
+        out["mean_new_task_gain"] = float("nan")
+        out["mean_new_task_gain_reason"] = "a single task has no later task to learn"
     if references is None:
         out["forward_transfer"] = None
         out["mean_forward_transfer"] = float("nan")

@@ -32,7 +32,12 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from crl.metrics import average_performance, bootstrap_ci
+from crl.metrics import (
+    EvalHistory,
+    average_performance,
+    bootstrap_ci,
+    new_task_gain_from_history,
+)
 from crl.report_plots import (
     Band,
     Bar,
@@ -85,6 +90,8 @@ METRICS: dict[str, tuple[MetricSpec, ...]] = {
         MetricSpec("performance", "final_performance", "performance P(T)", ("metrics_reason",)),
         MetricSpec("forgetting", "mean_forgetting", "forgetting",
                    ("mean_forgetting_reason", "metrics_reason")),
+        MetricSpec("new_task_gain", "mean_new_task_gain", "new-task gain",
+                   ("mean_new_task_gain_reason", "metrics_reason")),
         MetricSpec("forward_transfer", "mean_forward_transfer", "forward transfer",
                    ("forward_transfer_reason", "metrics_reason")),
     ),
@@ -170,6 +177,31 @@ def _finite(value: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return v if math.isfinite(v) else None
+
+
+def _gain_from_curves(run: RunData) -> float | None:
+    """The mean new-task gain of an RL run whose results.json predates the metric, from its
+    evaluations (one pass over distinct tasks only)."""
+    curves = rl_curves(run)
+    if curves is None or len(set(curves.schedule)) != len(curves.schedule) or len(
+            curves.schedule) < 2:
+        return None
+    try:
+        history = EvalHistory(curves.steps, curves.scores[:, curves.schedule],
+                              curves.stage_starts, curves.stage_ends[-1])
+        gains = new_task_gain_from_history(history, k=int(run.results.get("forgetting_k", 5)))
+    except (ValueError, IndexError):
+        return None
+    return _finite(float(np.mean(gains)))
+
+
+def metric_value(run: RunData, spec: MetricSpec) -> float | None:
+    """The run's value of a reported metric (None where undefined)."""
+    value = _finite(run.results.get(spec.key))
+    if value is None and spec.key == "mean_new_task_gain" and run.kind == RL and (
+            spec.key not in run.results):
+        value = _gain_from_curves(run)
+    return value
 
 
 def metric_ci(values: Sequence[float]) -> MetricCI | None:
@@ -267,7 +299,7 @@ def _group_notes(runs: Sequence[RunData], specs: Sequence[MetricSpec]) -> list[s
                                          else "")
         notes.append(f"settings differ between its runs: {shown}")
     for spec in specs:
-        missing = [r for r in runs if _finite(r.results.get(spec.key)) is None]
+        missing = [r for r in runs if metric_value(r, spec) is None]
         if not missing:
             continue
         reason = next((str(r.results[k]) for r in missing for k in spec.reason_keys
@@ -322,7 +354,7 @@ def build_rows(runs: Sequence[RunData]) -> list[ReportRow]:
         specs = METRICS[kind]
         metrics = {}
         for spec in specs:
-            vals = [v for r in members if (v := _finite(r.results.get(spec.key))) is not None]
+            vals = [v for r in members if (v := metric_value(r, spec)) is not None]
             metrics[spec.name] = metric_ci(vals)
         rows.append(ReportRow(kind, setting, agent, label, [r.seed for r in members],
                               [r.source for r in members], metrics,

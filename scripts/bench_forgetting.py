@@ -1,24 +1,34 @@
-"""RL quality benchmark: the README sequence with finetune and every method, over seeds.
+"""RL reproduction report: every method on the RL-fidelity sequences, over seeds, in the
+multi-head (default) and the single-head setting, with the issue's checks.
 
-Runs `crl train`'s runner on CartPoleSwap with PPO (single head: with one head per task the
-swapped task gets its own output layer and nothing is forgotten), after creating the
-single-task reference runs once. Every method runs with the options `crl train` uses when the
-user gives none (``agents.method_defaults.RL_METHOD_DEFAULTS``; each row prints them).
+Each sweep file (default: ``scripts/sweeps/classicmix-ppo-report.yaml`` and
+``scripts/sweeps/mujocomix-sac-report.yaml``) holds the grid: methods x seeds x head
+settings, with the RL defaults of ``agents/method_defaults.py`` (no method options given).
+For each file the script
 
-Reports, per method, the final average performance P(T), the mean forgetting, the mean
-forward transfer and the *new-task gain* (per later task: its end-of-task score minus its
-score when it started, i.e. did the agent learn it), with 90% percentile bootstrap confidence
-intervals over seeds. Checks the issue's claims: finetune forgets clearly (forgetting >= 0.5);
-L2, EWC, MAS, PackNet and replay (distillation for PPO) each forget less than finetune (their
-mean forgetting below finetune's CI lower bound) and still learn the new task (mean gain
->= 0.5, half the score range).
+1. creates the single-task reference runs of every head setting (``crl reference``; cached,
+   so a second invocation reuses them): forward transfer's baseline;
+2. runs the sweep (``crl sweep``'s library: a second invocation skips finished runs and
+   resumes unfinished ones from their checkpoints);
+3. reports it with ``crl report`` (CSV + Markdown + plots under ``<sweep>/report``):
+   performance P(T), forgetting, new-task gain and AUC forward transfer, mean and 90%
+   percentile-bootstrap CI over seeds;
+4. checks, per agent and head setting, the claims a user expects to see (PASS/FAIL, saved
+   as ``checks.json`` beside the report):
 
-``--grid METHOD=v1,v2,...`` (repeatable) runs a strength calibration instead: METHOD at each
-value of its ``lam`` (or ``--grid-option``), plus finetune, on the given seeds, and prints
-forgetting and new-task gain per value.
+   - finetune forgets: mean forgetting >= 0.3;
+   - every method but A-GEM forgets less than finetune (its mean below finetune's CI low)
+     while learning the new tasks (mean new-task gain >= half finetune's): no method "wins"
+     by not learning;
+   - PackNet and replay forget <= 0.1 and end above finetune's final performance (mean).
 
-    python scripts/bench_forgetting.py --seeds 0,1,2 --out bench_forgetting
-    python scripts/bench_forgetting.py --seeds 0 --grid l2=1,10,100 --grid ewc=1,10,100
+New-task gain: per task after the first, its end-of-task score (mean of the last k
+evaluations of its window, as forgetting) minus its score when its training started
+(``crl.metrics.new_task_gain_from_history``).
+
+    python scripts/bench_forgetting.py                                  # both sequences
+    python scripts/bench_forgetting.py scripts/sweeps/classicmix-ppo-report.yaml --num-cpus 2
+    python scripts/bench_forgetting.py --check-only runs/sweeps/classicmix-ppo-report/report
 """
 
 from __future__ import annotations
@@ -26,156 +36,131 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
+import subprocess
 import sys
-import time
+import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from agents.method_defaults import rl_method_options  # noqa: E402
-from agents.reference import run_references  # noqa: E402
-from agents.runner import RunConfig, RunResult, aggregate, load_sequence, train  # noqa: E402
-from crl.metrics import bootstrap_ci  # noqa: E402
-
-METHODS = ("finetune", "l2", "ewc", "mas", "packnet", "agem", "replay")
-#: methods that must forget less than finetune and learn the new task
-PROTECTING = ("l2", "ewc", "mas", "packnet", "replay")
-#: a later task counts as learnt when its end-of-task score exceeds its start by this much
-MIN_GAIN = 0.5
-#: the README demo: PPO, single head, 20k steps per task
-BASE = {
-    "sequence": "CartPoleSwap", "agent": "ppo", "steps_per_task": 20_480, "eval_every": 2048,
-    "eval_episodes": 5, "agent_options": {"n_steps": 1024, "multi_head": False},
-}
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_SWEEPS = (ROOT / "scripts/sweeps/classicmix-ppo-report.yaml",
+                  ROOT / "scripts/sweeps/mujocomix-sac-report.yaml")
+FINETUNE_FORGETTING = 0.3
+KEEPERS = ("packnet", "replay")
+KEEP_FORGETTING = 0.1
+UNCHECKED = ("finetune", "agem")
 
 
-def _fmt(ci: tuple[float, float, float] | list[float]) -> str:
-    m, lo, hi = ci
-    return "n/a" if np.isnan(m) else f"{m:6.3f} [{lo:6.3f}, {hi:6.3f}]"
+def make_references(sweep: Any) -> None:
+    """`crl reference` once per override set (head setting) of the sweep's base options."""
+    for override in sweep.overrides:
+        options = {k: v for k, v in (sweep.base | override).items()
+                   if k not in ("method", "seed", "run_path")}
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as fh:
+            yaml.safe_dump(options, fh)
+        try:
+            print(f"reference runs for {override or 'the base settings'} ...", flush=True)
+            subprocess.run(["crl", "reference", "--config", fh.name, "--no-progress"],
+                           check=True, cwd=os.getcwd())
+        finally:
+            os.unlink(fh.name)
 
 
-def new_task_gain(res: RunResult) -> float:
-    """Mean over the stages after the first of (end-of-task score - score at the stage's
-    start): how much of each new task the agent learnt (nan without scores)."""
-    h = res.history
-    if h is None or h.n_tasks < 2:
-        return float("nan")
-    gains = []
-    for s in range(1, h.n_tasks):
-        window = h.scores[h.window_mask(s), s]
-        gains.append(float(res.rows[s]["end_of_task"]) - float(window[0]))
-    return float(np.mean(gains))
+def _float(v: str) -> float | None:
+    return float(v) if v not in ("", None) else None
 
 
-def run_one(base: RunConfig, label: str, method: str, options: dict[str, Any],
-            seed: int) -> dict[str, Any]:
-    cfg = base.replace(method=method, seed=seed, method_options={method: options},
-                       require_references=True)
-    t0 = time.perf_counter()
-    res = train(cfg)
-    s = res.summary
-    resolved = rl_method_options(cfg.agent, method, options, cfg.agent_options)
-    resolved = {k: v for k, v in resolved.items() if k not in ("num_tasks", "seed")}
-    row = {"variant": label, "method": method, "options": resolved, "seed": seed,
-           "final_performance": s["final_performance"],
-           "mean_forgetting": s["mean_forgetting"],
-           "mean_forward_transfer": s["mean_forward_transfer"],
-           "new_task_gain": new_task_gain(res),
-           "seconds": time.perf_counter() - t0, "run_dir": str(res.run_dir)}
-    print(f"  {label} seed {seed} {resolved}: P(T) {s['final_performance']:.3f}, forgetting "
-          f"{s['mean_forgetting']:.3f}, FT {s['mean_forward_transfer']:.3f}, new-task gain "
-          f"{row['new_task_gain']:.3f} ({row['seconds']:.0f} s)", flush=True)
-    return row
+def load_rows(report_csv: Path) -> list[dict[str, Any]]:
+    with report_csv.open() as fh:
+        return list(csv.DictReader(fh))
 
 
-def _grid(specs: list[str], option: str) -> list[tuple[str, str, dict[str, Any]]]:
-    out: list[tuple[str, str, dict[str, Any]]] = [("finetune", "finetune", {})]
-    for spec in specs:
-        method, _, values = spec.partition("=")
-        if method not in METHODS or not values:
-            raise SystemExit(f"--grid wants METHOD=v1,v2,... with METHOD in {METHODS}, got "
-                             f"{spec!r}")
-        for v in values.split(","):
-            out.append((f"{method} {option}={v}", method, {option: float(v)}))
-    return out
+def _setting(label: str) -> tuple[str, str]:
+    """'ewc [multi_head=False]' -> ('ewc', 'multi_head=False'); plain labels -> ''."""
+    if " [" in label and label.endswith("]"):
+        method, _, rest = label.partition(" [")
+        return method, rest[:-1]
+    return label, ""
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--steps-per-task", type=int, default=BASE["steps_per_task"])
-    p.add_argument("--multi-head", action="store_true", help="one head per task instead")
-    p.add_argument("--grid", action="append", default=[],
-                   help="calibration: METHOD=v1,v2,... (repeatable); replaces --methods")
-    p.add_argument("--grid-option", default="lam")
-    p.add_argument("--reference-dir", default=None)
-    p.add_argument("--out", type=Path, default=Path("bench_forgetting"))
-    a = p.parse_args()
-    seeds = [int(s) for s in a.seeds.split(",")]
-    base = RunConfig(**{**BASE, "steps_per_task": a.steps_per_task},
-                     run_dir=str(a.out / "runs"), wandb="disabled", progress=False,
-                     reference_dir=a.reference_dir, group="bench_forgetting")
-    if a.multi_head:
-        base = base.replace(agent_options={**base.agent_options, "multi_head": True})
-    seq = load_sequence(base)
-    t0 = time.perf_counter()
-    refs = run_references(base, seq)
-    print(f"reference runs ready ({time.perf_counter() - t0:.0f} s): "
-          + ", ".join(f"{r.task_name} final return {r.final_return:.1f}" for r in refs.values()),
-          flush=True)
-    if a.grid:
-        variants = _grid(a.grid, a.grid_option)
-    else:
-        variants = [(m, m, {}) for m in a.methods.split(",")]
-    runs: list[dict[str, Any]] = []
-    for label, method, options in variants:
-        for seed in seeds:
-            runs.append(run_one(base, label, method, options, seed))
-    table = []
-    for label in dict.fromkeys(r["variant"] for r in runs):
-        rs = [r for r in runs if r["variant"] == label]
-        agg = aggregate(rs)
-        gains = [r["new_task_gain"] for r in rs if np.isfinite(r["new_task_gain"])]
-        gain = bootstrap_ci(gains) if gains else (float("nan"),) * 3
-        table.append({"variant": label, "options": rs[0]["options"], "seeds": len(rs),
-                      **{k: list(v) for k, v in agg.items()}, "new_task_gain": list(gain),
-                      "seconds_per_run": float(np.mean([r["seconds"] for r in rs]))})
-    head = "multi-head" if a.multi_head else "single head"
-    print(f"\n{seq.name}, PPO ({head}), {a.steps_per_task:,} steps/task, seeds {seeds}; "
-          "mean [90% bootstrap CI]")
-    print(f"{'method':16} {'performance P(T)':26} {'forgetting':26} {'forward transfer':26} "
-          f"{'new-task gain':26} s/run  options")
-    for row in table:
-        print(f"{row['variant']:16} {_fmt(row['final_performance']):26} "
-              f"{_fmt(row['mean_forgetting']):26} {_fmt(row['mean_forward_transfer']):26} "
-              f"{_fmt(row['new_task_gain']):26} {row['seconds_per_run']:5.0f}  {row['options']}")
-    checks = {}
-    by = {row["variant"]: row for row in table}
-    if "finetune" in by and not a.grid:
-        ft_forg = by["finetune"]["mean_forgetting"]
-        checks["finetune forgets clearly (mean forgetting >= 0.5)"] = bool(ft_forg[0] >= 0.5)
-        for label in PROTECTING:
-            if label in by:
-                checks[f"{label} forgets less than finetune (mean below finetune's CI low)"] = (
-                    bool(by[label]["mean_forgetting"][0] < ft_forg[1]))
-                checks[f"{label} learns the new task (mean gain >= {MIN_GAIN})"] = bool(
-                    by[label]["new_task_gain"][0] >= MIN_GAIN)
+def check(rows: list[dict[str, Any]]) -> dict[str, bool]:
+    """The claims, per (setting, agent, head setting)."""
+    groups: dict[tuple[str, str, str], dict[str, dict[str, Any]]] = {}
+    for r in rows:
+        if r["kind"] != "rl":
+            continue
+        method, variant = _setting(r["method"])
+        groups.setdefault((r["setting"], r["agent"], variant), {})[method] = r
+    checks: dict[str, bool] = {}
+    for (setting, agent, variant), by in groups.items():
+        where = f"{setting} {agent.upper()}" + (f" [{variant}]" if variant else "")
+        ft = by.get("finetune")
+        if ft is None or _float(ft["forgetting"]) is None:
+            checks[f"{where}: finetune has results"] = False
+            continue
+        ft_forg, ft_low = _float(ft["forgetting"]), _float(ft["forgetting_low"])
+        ft_gain = _float(ft["new_task_gain"]) or 0.0
+        ft_perf = _float(ft["performance"])
+        checks[f"{where}: finetune forgets (mean {ft_forg:.3f} >= {FINETUNE_FORGETTING})"] = (
+            ft_forg >= FINETUNE_FORGETTING)
+        for method, r in by.items():
+            if method in UNCHECKED:
+                continue
+            forg, gain = _float(r["forgetting"]), _float(r["new_task_gain"])
+            perf = _float(r["performance"])
+            if forg is None or gain is None:
+                checks[f"{where}: {method} has results"] = False
+                continue
+            checks[f"{where}: {method} forgets less than finetune (mean {forg:.3f} < "
+                   f"finetune's CI low {ft_low:.3f})"] = forg < ft_low
+            checks[f"{where}: {method} learns the new tasks (gain {gain:.3f} >= half of "
+                   f"finetune's {ft_gain:.3f})"] = gain >= 0.5 * ft_gain
+            if method in KEEPERS:
+                checks[f"{where}: {method} forgets <= {KEEP_FORGETTING} (mean {forg:.3f})"] = (
+                    forg <= KEEP_FORGETTING)
+                checks[f"{where}: {method} ends above finetune (P(T) {perf:.3f} > "
+                       f"{ft_perf:.3f})"] = perf is not None and perf > ft_perf
+    return checks
+
+
+def print_checks(checks: dict[str, bool], out: Path) -> None:
     for claim, ok in checks.items():
         print(f"  {'PASS' if ok else 'FAIL'}: {claim}")
-    a.out.mkdir(parents=True, exist_ok=True)
-    name = "bench_forgetting_grid" if a.grid else "bench_forgetting"
-    (a.out / f"{name}.json").write_text(json.dumps(
-        {"table": table, "runs": runs, "checks": checks}, indent=1, default=float))
-    with (a.out / f"{name}.csv").open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(runs[0]))
-        w.writeheader()
-        w.writerows(runs)
-    print(f"\nwritten: {a.out / (name + '.json')}, {a.out / (name + '.csv')}")
+    out.write_text(json.dumps(checks, indent=1))
+    print(f"{sum(checks.values())} of {len(checks)} checks pass; written: {out}")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("sweeps", nargs="*", type=Path, default=list(DEFAULT_SWEEPS))
+    p.add_argument("--num-cpus", type=int, default=None, help="local Ray CPUs [all]")
+    p.add_argument("--no-references", action="store_true",
+                   help="skip step 1 (the references exist already)")
+    p.add_argument("--check-only", type=Path, default=None, metavar="REPORT_DIR",
+                   help="only check an existing report (its report.csv)")
+    a = p.parse_args()
+    if a.check_only is not None:
+        print_checks(check(load_rows(a.check_only / "report.csv")), a.check_only / "checks.json")
+        return 0
+    sys.path.insert(0, str(ROOT))
+    from crl.sweep import load_sweep, run_sweep
+
+    for path in a.sweeps:
+        sweep = load_sweep(path)
+        print(f"== {path.name}: {len(sweep.runs)} runs under {sweep.sweep_dir}", flush=True)
+        if not a.no_references:
+            make_references(sweep)
+        result = run_sweep(sweep, num_cpus=a.num_cpus)
+        if result.report_dir is None:
+            print(f"no report for {path.name}: {result.report_error}")
+            continue
+        print_checks(check(load_rows(result.report_dir / "report.csv")),
+                     result.report_dir / "checks.json")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -27,7 +27,9 @@ def _help_default(command: str, flag: str) -> str:
     return m.group(1)
 
 
-def _show(v) -> str:
+def _show(v, mo=None) -> str:
+    if mo is not None and mo.type is list and v is None:
+        return "none: equal shares per task"
     return "none" if v is None else str(v)
 
 
@@ -36,7 +38,7 @@ def test_supervised_help_default_is_what_a_run_resolves(mo):
     config = SupervisedConfig(benchmark="split-mnist", method=mo.method)
     resolved = method_options_for(config, 5)
     expected = resolved.get(mo.param, mo.default)
-    assert _help_default("supervised", mo.flag) == _show(expected)
+    assert _help_default("supervised", mo.flag) == _show(expected, mo)
 
 
 @pytest.mark.parametrize("mo", OPTIONS, ids=lambda mo: mo.flag)
@@ -48,7 +50,7 @@ def test_train_help_default_is_what_each_agent_resolves(mo):
             assert "importance-samples" in shown
         elif all(rl_method_options(a, mo.method).get(mo.param, mo.default) == value
                  for a in RL_METHOD_DEFAULTS):
-            assert shown == _show(value)
+            assert shown == _show(value, mo)
         else:
             assert f"{agent.upper()} {_show(value)}" in shown
 

@@ -289,3 +289,32 @@ def test_bootstrap_ci_degenerate_and_bad_input() -> None:
         m.bootstrap_ci([])
     with pytest.raises(ValueError, match="confidence"):
         m.bootstrap_ci([0.1, 0.2], confidence=90)
+
+
+def test_new_task_gain_by_hand():
+    # 3 tasks of 10 steps, evaluations every 5 steps: 0, 5, 10, ..., 30
+    steps = [0, 5, 10, 15, 20, 25, 30]
+    scores = np.array([
+        # t0    t1    t2
+        [0.0, 0.10, 0.00],  # step 0
+        [0.5, 0.10, 0.00],  # 5
+        [0.9, 0.20, 0.05],  # 10: end of task 0, start of task 1 (t1 at 0.2)
+        [0.4, 0.60, 0.05],  # 15
+        [0.3, 0.70, 0.10],  # 20: end of task 1, start of task 2 (t2 at 0.1)
+        [0.3, 0.50, 0.40],  # 25
+        [0.2, 0.40, 0.90],  # 30
+    ])
+    h = m.EvalHistory(steps, scores, [0, 10, 20], 30)
+    # k = 2: task 1's last two in [10, 20] are 0.6, 0.7 -> 0.65 - 0.2 = 0.45;
+    # task 2's last two in [20, 30] are 0.4, 0.9 -> 0.65 - 0.1 = 0.55
+    np.testing.assert_allclose(m.new_task_gain_from_history(h, k=2), [0.45, 0.55])
+    # k = 1: 0.7 - 0.2 and 0.9 - 0.1
+    np.testing.assert_allclose(m.new_task_gain_from_history(h, k=1), [0.5, 0.8])
+    out = m.summarize(h, k=2)
+    assert out["new_task_gain"] == pytest.approx([0.45, 0.55])
+    assert out["mean_new_task_gain"] == pytest.approx(0.5)
+    one = m.summarize(m.EvalHistory([0, 5], [[0.1], [0.4]], [0], 5))
+    assert math.isnan(one["mean_new_task_gain"]) and "single task" in one[
+        "mean_new_task_gain_reason"]
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        m.new_task_gain_from_history(h, k=0)
