@@ -412,6 +412,15 @@ def list_methods() -> None:
     by_method: dict[str, list[Any]] = {}
     for mo in method_options():
         by_method.setdefault(mo.method, []).append(mo)
+    if not sys.stdout.isatty():  # piped or redirected: one whole line per option
+        for m in METHODS:
+            if not by_method.get(m):
+                click.echo(f"{m}: no options")
+            for mo in by_method.get(m, []):
+                click.echo(f"{m}: --{mo.flag}  supervised: "
+                           f"{method_default_text(mo, 'supervised')}  train: "
+                           f"{method_default_text(mo, 'train')}")
+        return
     for m in METHODS:
         if not by_method.get(m):
             t.add_row(m, "-", "", "")
