@@ -29,6 +29,7 @@ checkpoint was taken, with the same numbers as an uninterrupted run.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -208,6 +209,21 @@ def check_agent_fits(config: RunConfig, sequence: TaskSequence) -> None:
             f"{action_space}; use --agent ppo for discrete actions, or a continuous sequence "
             "(PendulumVariants, HalfCheetah*, Hopper*, CW10)"
         )
+    if config.agent == "sac":
+        explore = config.agent_options.get("exploration_steps")
+        if explore is None:
+            from agents.sac import ContinualSAC
+
+            explore = inspect.signature(ContinualSAC.__init__).parameters[
+                "exploration_steps"].default
+        short = sorted({b for b in sequence.stage_steps if b <= int(explore)})
+        if short:
+            raise ConfigError(
+                f"SAC acts at random for the first --exploration-steps {int(explore):,} steps "
+                f"of every task and only trains after them, but the task budgets {short} are "
+                f"not longer: the agent would never train; lower --exploration-steps or raise "
+                f"--steps-per-task"
+            )
     if config.agent in ON_POLICY:
         n_steps = int(config.agent_options.get("n_steps", 2048))
         bad = sorted({b for b in sequence.stage_steps if b % n_steps})
@@ -218,6 +234,22 @@ def check_agent_fits(config: RunConfig, sequence: TaskSequence) -> None:
                 f"{n_steps}; set --n-steps to a divisor of the budget or --steps-per-task to a "
                 f"multiple of {n_steps}"
             )
+
+
+def check_method_options(config: RunConfig, sequence: TaskSequence) -> None:
+    """Build the method once from its resolved options, before any run directory exists, so
+    that a bad option is an error naming it, not a failed run left behind."""
+    from agents.continual import build_strategy
+
+    options = rl_method_options(config.agent, config.method,
+                                config.method_options.get(config.method), config.agent_options)
+    try:
+        build_strategy(config.method, options, sequence.num_tasks, config.seed)
+    except (ValueError, TypeError) as exc:
+        given = sorted(config.method_options.get(config.method) or {})
+        flags = ", ".join(f"--{config.method}-{k.replace('_', '-')}" for k in given)
+        raise ConfigError(f"{config.method}: {exc}" + (f" (options given: {flags})" if flags
+                                                        else "")) from exc
 
 
 def agent_class(name: str) -> type:
@@ -657,6 +689,7 @@ def _plan(config: RunConfig, bounds: Mapping[str, Any] | None = None) -> _Plan:
     sequence = load_sequence(config)
     check_agent_fits(config, sequence)
     check_agent_options(config)  # fail on bad agent options before any work
+    check_method_options(config, sequence)
     refs, missing_refs = load_references(config, sequence, required=config.require_references)
     if bounds is not None:
         normalizer = _normalizer_from(bounds, sequence, reference_command(config))
@@ -673,7 +706,7 @@ def _plan(config: RunConfig, bounds: Mapping[str, Any] | None = None) -> _Plan:
     if missing_refs:
         warnings.warn(
             f"no reference runs for tasks {[sequence.task_names[t] for t in missing_refs]}: "
-            f"forward transfer will be n/a; create them with `{reference_command(config)}`",
+            "forward transfer will be n/a (the command that creates them follows the results)",
             RuntimeWarning, stacklevel=3,
         )
     resolved = config.to_dict() | {

@@ -23,7 +23,9 @@ from rich.table import Table
 
 from crl.config import flatten_config, load_yaml, method_options, split_list
 
-console = Console()
+#: piped or redirected output is not cut to 80 columns (tables keep whole words, lines stay
+#: whole for grep); a terminal keeps its own width
+console = Console() if sys.stdout.isatty() else Console(width=200)
 
 BENCHMARKS = ["permuted-mnist", "split-mnist", "rotated-mnist"]
 SCENARIOS = ["task-il", "domain-il", "class-il"]
@@ -222,6 +224,25 @@ def main() -> None:
     from crl.allocator import keep_freed_memory
 
     keep_freed_memory()  # the command owns the process: reuse freed large blocks
+    _plain_warnings()
+
+
+def _plain_warnings() -> None:
+    """Warnings print as one "warning: ..." line each, once per message: a user of the
+    command needs the message, not the source line that raised it."""
+    import warnings
+
+    seen: set[str] = set()
+
+    def show(message: Any, category: type, filename: str, lineno: int, file: Any = None,
+             line: str | None = None) -> None:
+        text = str(message)
+        if text in seen:
+            return
+        seen.add(text)
+        click.echo(f"warning: {text}", err=True)
+
+    warnings.showwarning = show
 
 
 def _supervised(**params: Any) -> None:
@@ -619,18 +640,22 @@ def print_run_table(summary: dict[str, Any], title: str) -> None:
     """Per task: end-of-task and final score, forgetting, AUC, forward transfer; then means."""
     k = summary.get("forgetting_k", 5)
     t = Table(title=title, caption=f"* mean of the last {k} evaluations (CW); forgetting = "
-              "end of task* - final*")
-    for col in ("task", "end of task*", "final*", "forgetting", "AUC", "forward transfer"):
+              "end of task* - final*; gain = end of task* - score when its training began")
+    for col in ("task", "end of task*", "final*", "forgetting", "gain", "AUC",
+                "forward transfer"):
         t.add_column(col, justify="left" if col == "task" else "right",
                      no_wrap=col == "task")
-    for r in summary["table"]:
-        t.add_row(r["task"], *(_fmt_value(r.get(k)) for k in
-                               ("end_of_task", "final", "forgetting", "auc",
-                                "forward_transfer")))
+    gains = summary.get("new_task_gain") or []
+    for i, r in enumerate(summary["table"]):
+        gain = gains[i - 1] if 1 <= i <= len(gains) else None
+        t.add_row(r["task"], _fmt_value(r.get("end_of_task")), _fmt_value(r.get("final")),
+                  _fmt_value(r.get("forgetting")), _fmt_value(gain),
+                  *(_fmt_value(r.get(k)) for k in ("auc", "forward_transfer")))
     t.add_section()
     finals = [r["final"] for r in summary["table"] if r.get("final") is not None]
     t.add_row("[bold]average[/]", "", _fmt_value(float(np.mean(finals)) if finals else None),
-              _fmt_value(summary.get("mean_forgetting")), "",
+              _fmt_value(summary.get("mean_forgetting")),
+              _fmt_value(summary.get("mean_new_task_gain")), "",
               _fmt_value(summary.get("mean_forward_transfer")))
     console.print(t)
     for key in ("metrics_reason", "forward_transfer_reason"):
@@ -698,12 +723,15 @@ def _print_train_result(result: Any) -> None:
     config = result.config
     s = result.summary
     print_run_table(s, f"{s['sequence']}: {config.agent} + {config.method}, seed {config.seed}")
-    console.print(f"performance P(T) {_fmt_value(s.get('final_performance'))} (last "
-                  f"evaluation), forgetting "
-                  f"{_fmt_value(s.get('mean_forgetting'))}, forward transfer "
-                  f"{_fmt_value(s.get('mean_forward_transfer'))}; "
-                  f"{s['env_steps']:,} env steps, {s['timings']['total_seconds']:.0f} s "
-                  f"({100 * s['eval_share']:.0f}% evaluating)")
+    k = s.get("forgetting_k", 5)
+    finals = [r["final"] for r in s.get("table", []) if r.get("final") is not None]
+    table_final = _fmt_value(float(np.mean(finals)) if finals else None)
+    click.echo(f"performance P(T) {_fmt_value(s.get('final_performance'))} at the last "
+               f"evaluation ({table_final} averaged over the last {k}, the table's final*), "
+               f"forgetting {_fmt_value(s.get('mean_forgetting'))}, new-task gain "
+               f"{_fmt_value(s.get('mean_new_task_gain'))}, forward transfer "
+               f"{_fmt_value(s.get('mean_forward_transfer'))}; {s['env_steps']:,} env steps, "
+               f"{s['timings']['total_seconds']:.0f} s ({100 * s['eval_share']:.0f}% evaluating)")
     click.echo(f"run directory: {result.run_dir}")
     if result.plot_path is not None:
         click.echo(f"plot: {result.plot_path}")

@@ -85,9 +85,14 @@ def test_uniform_task_inside_vmap_keeps_the_tensor():
     assert seen == [torch.Tensor]  # values cannot be read inside the transform
 
 
-def test_one_task_shortcut_equals_the_mixed_batch_bit_for_bit():
+def test_one_task_shortcut_equals_the_mixed_batch():
     """A sample's output and its head's gradient do not depend on the other samples' tasks:
-    the per-task path (int) and the mixed path (gather) run the same F.linear per head."""
+    the per-task path (int) and the mixed path (gather) run the same F.linear per head.
+
+    The mixed path multiplies all 12 rows by each head and gathers, the per-task path only
+    its 3 rows: GEMMs of different shapes may round differently (the BLAS picks its kernel
+    per shape, e.g. MKL on AVX-512), so those are compared to float tolerance; paths with
+    the same shapes are compared bit for bit."""
     torch.manual_seed(0)
     heads = MultiHeadLinear(16, 3, 4)
     x = torch.randn(12, 16)
@@ -96,7 +101,7 @@ def test_one_task_shortcut_equals_the_mixed_batch_bit_for_bit():
     for t in range(4):
         rows = task == t
         alone = heads(x[rows], t)
-        assert torch.equal(alone, mixed[rows]), t
+        torch.testing.assert_close(alone, mixed[rows], rtol=1e-6, atol=1e-6)
         assert torch.equal(alone, heads(x[rows], torch.full((int(rows.sum()),), t)))
     # gradients: only the used head, identical either way; a one-task batch leaves the other
     # heads without any gradient (the optimiser skips them)
