@@ -176,6 +176,11 @@ class RunConfig:
         if self.net_arch is not None:
             self.net_arch = tuple(int(w) for w in self.net_arch)
         self.agent_options = dict(self.agent_options)
+        gamma = self.agent_options.get("gamma")
+        if gamma is not None and (isinstance(gamma, bool) or not isinstance(gamma, int | float)
+                                  or not 0.0 < float(gamma) <= 1.0):
+            raise ConfigError(f"gamma (the discount) must be a number in (0, 1], got {gamma!r}")
+        check_device(self.device)
         self.method_options = {k: dict(v) for k, v in self.method_options.items()}
 
     def to_dict(self) -> dict[str, Any]:
@@ -183,6 +188,24 @@ class RunConfig:
 
     def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)
+
+
+def check_device(device: str) -> None:
+    """A device torch knows and this machine has: training on the CPU while the config says
+    ``cuda`` would record a lie."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1, "
+                          f"mps): {exc}") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r}: this machine has no CUDA GPU torch can use "
+                          "(torch.cuda.is_available() is False); use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {device!r}: this machine has {torch.cuda.device_count()} "
+                          "CUDA device(s)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device {device!r}: MPS is not available here; use --device cpu")
 
 
 def load_sequence(config: RunConfig) -> TaskSequence:

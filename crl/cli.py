@@ -338,6 +338,46 @@ def _run_failures(run_dir: str | None = None) -> Iterator[None]:
     except CheckpointError as exc:
         raise click.ClickException(
             f"cannot resume {run_dir}: {exc}" if run_dir else str(exc)) from exc
+    except OSError as exc:
+        message = filesystem_message(exc)
+        if message is None:
+            raise
+        raise click.ClickException(message) from exc
+
+
+def filesystem_message(exc: BaseException) -> str | None:
+    """A file-system error as one line naming the path, the problem and the fix (None for
+    errors that are not about a path we write)."""
+    import errno
+
+    chain = [exc]
+    while chain[-1].__cause__ is not None or chain[-1].__context__ is not None:
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    os_error = next((e for e in chain if isinstance(e, OSError) and e.errno is not None), None)
+    text = " ".join(str(e) for e in chain).lower()
+    if os_error is None and ("enforce fail" in text or "no space" in text):
+        return ("cannot write a file: the disk is full (no space left on device); free space "
+                "or choose another --run-dir (the last good checkpoint is kept)")
+    if os_error is None:
+        return None
+    path = os_error.filename or "a file"
+    fixes = {
+        errno.ENOTDIR: "a part of that path is a regular file, not a folder; choose another "
+                       "--run-dir / --run-path",
+        errno.EACCES: "no permission to write there; choose a --run-dir you can write to",
+        errno.EPERM: "no permission to write there; choose a --run-dir you can write to",
+        errno.EROFS: "the file system is read-only; choose a writable --run-dir",
+        errno.ENOSPC: "the disk is full; free space or choose another --run-dir (the last "
+                      "good checkpoint is kept)",
+        errno.EDQUOT: "the disk quota is used up; free space or choose another --run-dir",
+        errno.EEXIST: "it exists already; choose another --run-path",
+        errno.EISDIR: "it is a folder where a file is expected; remove it or choose another "
+                      "path",
+    }
+    fix = fixes.get(os_error.errno)
+    if fix is None:
+        return None
+    return f"cannot write {path}: {os_error.strerror}; {fix}"
 
 
 def _echo_finished(run_dir: str, results: dict[str, Any], key: str, label: str,
