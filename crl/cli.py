@@ -22,13 +22,12 @@ from rich.markup import escape
 from rich.table import Table
 
 from crl.config import flatten_config, load_yaml, method_options, split_list
+from crl.supervised.benchmarks import BENCHMARKS, DEFAULT_SCENARIO, SCENARIOS
 
 #: piped or redirected output is not cut to 80 columns (tables keep whole words, lines stay
 #: whole for grep); a terminal keeps its own width
 console = Console() if sys.stdout.isatty() else Console(width=200)
 
-BENCHMARKS = ["permuted-mnist", "split-mnist", "rotated-mnist"]
-SCENARIOS = ["task-il", "domain-il", "class-il"]
 
 
 def _supervised_options() -> list[click.Option]:
@@ -38,7 +37,8 @@ def _supervised_options() -> list[click.Option]:
                      help="YAML file of options; command-line options override it."),
         click.Option(["--benchmark"], type=click.Choice(BENCHMARKS), help="[split-mnist]"),
         click.Option(["--scenario"], type=click.Choice(SCENARIOS),
-                     help="Default: the benchmark's own (split: class-il, others: domain-il)."),
+                     help="Default: the benchmark's own (" + ", ".join(
+                         f"{b}: {s}" for b, s in DEFAULT_SCENARIO.items()) + ")."),
         click.Option(["--tasks"], type=click.IntRange(min=1), help="Number of tasks."),
         click.Option(["--method"], type=str, help="finetune, l2, ewc, mas, packnet, agem, "
                      "replay, or joint (multi-task upper bound). [finetune]"),
@@ -154,7 +154,7 @@ def _build_configs(flat: dict[str, Any]) -> list[Any]:
         if mo.dest in flat:
             method_opts.setdefault(mo.method, {})[mo.param] = flat[mo.dest]
     methods = split_list(flat.get("methods")) or [flat.get("method", "finetune")]
-    seeds = split_list(flat.get("seeds"), int) or [int(flat.get("seed", 0))]
+    seeds = split_list(flat.get("seeds"), int, "--seeds") or [int(flat.get("seed", 0))]
     common: dict[str, Any] = {
         k: flat[k]
         for k in ("benchmark", "scenario", "tasks", "activation", "train_per_task",
@@ -162,7 +162,7 @@ def _build_configs(flat: dict[str, Any]) -> list[Any]:
         if k in flat
     }
     if "hidden" in flat:
-        common["hidden"] = tuple(split_list(flat["hidden"], int))
+        common["hidden"] = tuple(split_list(flat["hidden"], int, "--hidden"))
     return [
         SupervisedConfig(method=m.strip().lower(), seed=s, trainer=TrainerConfig(**trainer),
                          method_options=method_opts, **common)
@@ -258,13 +258,14 @@ def _supervised(**params: Any) -> None:
         if run_path is not None:
             _check_run_path(run_path, configs)
         data = load_mnist(configs[0].data_dir, download=configs[0].download)
+        benchmarks: dict[int, Any] = {}
+        for cfg in configs:  # every benchmark is built (and checked) before any run starts
+            if cfg.seed not in benchmarks:  # it depends on the seed, not the method
+                benchmarks[cfg.seed] = build_benchmark(cfg, data)
     except (ValueError, FileNotFoundError, MNISTError) as exc:
         raise click.UsageError(str(exc)) from exc
     rows = []
-    benchmarks: dict[int, Any] = {}
     for cfg in configs:
-        if cfg.seed not in benchmarks:  # the benchmark depends on the seed, not the method
-            benchmarks[cfg.seed] = build_benchmark(cfg, data)
         with _run_failures():
             res = run_experiment(cfg, benchmark=benchmarks[cfg.seed],
                                  run_dir=None if run_path is None else Path(run_path))
@@ -400,7 +401,7 @@ def _resume_config(saved: dict[str, Any], given: dict[str, Any]) -> Any:
     by_dest = {mo.dest: mo for mo in method_options()}
     for key, value in given.items():
         if key in ("methods", "seeds"):
-            items = split_list(value, int if key == "seeds" else str)
+            items = split_list(value, int if key == "seeds" else str, f"--{key}")
             if len(items) != 1:
                 raise click.UsageError(f"--resume continues one run; --{key} lists "
                                        f"{len(items)}: {value}")
@@ -413,7 +414,7 @@ def _resume_config(saved: dict[str, Any], given: dict[str, Any]) -> Any:
             mo = by_dest[key]
             data.setdefault("method_options", {}).setdefault(mo.method, {})[mo.param] = value
         elif key == "hidden":
-            data["hidden"] = split_list(value, int)
+            data["hidden"] = split_list(value, int, "--hidden")
         else:
             data[key] = value
     return SupervisedConfig.from_dict(data)
@@ -631,7 +632,7 @@ def _run_config(flat: dict[str, Any]) -> Any:
     if "torch_threads" in kwargs and kwargs["torch_threads"] == 0:
         kwargs["torch_threads"] = None
     if "net_arch" in flat:
-        kwargs["net_arch"] = tuple(split_list(flat["net_arch"], int))
+        kwargs["net_arch"] = tuple(split_list(flat["net_arch"], int, "--net-arch"))
     agent_options = {AGENT_OPTION_DESTS[k]: flat[k] for k in AGENT_OPTION_DESTS if k in flat}
     if "ent_coef" in agent_options:
         agent_options["ent_coef"] = _number_or_text(agent_options["ent_coef"])

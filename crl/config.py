@@ -111,9 +111,24 @@ def flatten_config(data: dict[str, Any], known: set[str]) -> dict[str, Any]:
     return flat
 
 
-def split_list(value: Any, cast: type = str) -> list[Any]:
-    """``"a,b"`` or a YAML list → a list of ``cast`` values."""
+def split_list(value: Any, cast: type = str, option: str | None = None) -> list[Any]:
+    """``"a,b"`` or a YAML list → a list of ``cast`` values; an item that is not a ``cast``
+    is a ValueError naming ``option`` (e.g. ``--hidden``) and the expected form."""
     if value is None:
         return []
     items = value if isinstance(value, (list, tuple)) else str(value).split(",")
-    return [cast(str(v).strip()) for v in items if str(v).strip()]
+    out = []
+    for v in items:
+        text = str(v).strip()
+        if not text:
+            continue
+        try:
+            out.append(cast(text))
+        except ValueError:
+            where = f"{option}: " if option else ""
+            kind = {int: "an integer", float: "a number"}.get(cast, cast.__name__)
+            example = {"--seeds": "0,1,2", "--hidden": "400,400", "--net-arch": "64,64"}.get(
+                option or "", "0.5,0.25" if cast is float else "a,b")
+            raise ValueError(f"{where}{text!r} is not {kind}; give a comma-separated list, "
+                             f"e.g. {example}") from None
+    return out
