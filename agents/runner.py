@@ -912,7 +912,7 @@ def _execute(plan: _Plan, path: Path, *, resume: _Resume | None = None,
     stages = [Stage(t, b) for t, b in zip(sequence.schedule, sequence.stage_steps, strict=True)]
     tracker = RunTracker(path, plan.resolved, wandb_mode=config.wandb,
                          project=config.wandb_project, group=plan.group, name=plan.name,
-                         job_type="rl",
+                         job_type="rl", new_run=resume is None,
                          resume_rows=None if resume is None else int(
                              resume.state["tracker_rows"]))
     with tracker:

@@ -331,6 +331,7 @@ def _run_failures(run_dir: str | None = None) -> Iterator[None]:
     message naming the fix and the checkpoint, and exit code 1."""
     from crl.checkpoint import CheckpointError
     from crl.runs import RunFailed
+    from crl.tracking import RunLockedError
 
     try:
         yield
@@ -339,6 +340,8 @@ def _run_failures(run_dir: str | None = None) -> Iterator[None]:
     except CheckpointError as exc:
         raise click.ClickException(
             f"cannot resume {run_dir}: {exc}" if run_dir else str(exc)) from exc
+    except RunLockedError as exc:
+        raise click.ClickException(str(exc)) from exc
     except OSError as exc:
         message = filesystem_message(exc)
         if message is None:

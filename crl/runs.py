@@ -18,10 +18,8 @@ from typing import Any
 import yaml
 
 from crl.checkpoint import CheckpointError, checkpoint_path
-from crl.tracking import atomic_write_text, count_lines, to_builtin
+from crl.tracking import RUN_FILES, atomic_write_text, count_lines, to_builtin
 
-#: Files whose presence means a directory already holds a run.
-RUN_FILES = ("config.yaml", "metrics.jsonl", "results.json", "checkpoints")
 FAILED = "failed.json"
 
 #: kind -> (config key that identifies it, the command that resumes it)

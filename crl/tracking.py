@@ -83,6 +83,44 @@ def default_file_mode() -> int:
     return 0o666 & ~umask
 
 
+#: Files whose presence means a directory already holds a run.
+RUN_FILES = ("config.yaml", "metrics.jsonl", "results.json", "checkpoints")
+
+
+class RunLockedError(ValueError):
+    """Another process holds the run directory (a second resume, or two runs started with
+    the same --run-path at once)."""
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``<run_dir>/.lock`` for as long as a process uses the run:
+    the kernel drops it when the process dies, so a killed run never leaves a stale lock."""
+
+    def __init__(self, run_dir: Path) -> None:
+        import fcntl
+
+        self.path = run_dir / ".lock"
+        self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self._fd, 64, 0).decode(errors="replace").strip()
+            os.close(self._fd)
+            self._fd = None
+            raise RunLockedError(
+                f"{run_dir} is in use by another crl process"
+                + (f" (pid {holder})" if holder else "")
+                + "; wait for it to end, or stop it, before resuming or starting this run"
+            ) from None
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, str(os.getpid()).encode(), 0)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+
 class RunTracker:
     """One run: local directory + optional W&B mirror. Use as a context manager."""
 
@@ -99,16 +137,33 @@ class RunTracker:
         job_type: str | None = None,
         resume_id: str | None = None,
         resume_rows: int | None = None,
+        new_run: bool = False,
     ) -> None:
         """``resume_rows``: continue an interrupted run in ``run_dir``: metrics.jsonl is cut
         back to its first ``resume_rows`` rows (the rows its checkpoint had seen, so no row is
-        lost or duplicated) and the W&B run id of ``wandb_run.json`` is reused."""
+        lost or duplicated) and the W&B run id of ``wandb_run.json`` is reused. ``new_run``:
+        the folder must not hold a run yet, checked again under the run's lock (two
+        processes given the same folder at once: one runs, the other is refused)."""
         if wandb_mode not in WANDB_MODES:
             raise ValueError(
                 f"wandb mode must be one of {', '.join(WANDB_MODES)}, got {wandb_mode!r}"
             )
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = RunLock(self.run_dir)  # before anything is written: one process a run
+        try:
+            if new_run and (existing := [
+                    f for f in RUN_FILES if (self.run_dir / f).exists()]):
+                raise RunLockedError(
+                    f"{self.run_dir} already holds a run ({', '.join(existing)}), started "
+                    "by another process just now; choose another --run-path"
+                )
+            if resume_rows is not None and (self.run_dir / "results.json").exists():
+                raise RunLockedError(f"the run in {self.run_dir} finished while this resume "
+                                     "was starting; nothing to resume")
+        except BaseException:
+            self._lock.release()
+            raise
         (self.run_dir / "plots").mkdir(exist_ok=True)
         self.config = to_builtin(dict(config))
         atomic_write_text(
@@ -262,6 +317,12 @@ class RunTracker:
         if self.finished:
             return
         self.finished = True
+        try:
+            self._finish(results, failed)
+        finally:
+            self._lock.release()
+
+    def _finish(self, results: Mapping[str, Any] | None, failed: bool) -> None:
         if results is not None:
             clean = to_builtin(dict(results))
             atomic_write_text(self.run_dir / "results.json", json.dumps(clean, indent=1))

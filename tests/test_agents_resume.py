@@ -428,3 +428,25 @@ def test_a_checkpoint_without_buffer_or_env_state_warns_and_goes_on() -> None:
     assert np.array_equal(b._last_obs[0][:3], inner.task_envs[0].unwrapped._get_obs())
     b.learn(20, reset_num_timesteps=False)
     assert b.num_timesteps == 80
+
+
+def test_two_resumes_at_once_one_runs_the_other_is_refused(ppo_runs: dict[str, Any],
+                                                           tmp_path: Path) -> None:
+    """A lock per run directory: two `crl train --resume` of one interrupted run started
+    together; exactly one continues it, the other exits non-zero with a message naming the
+    folder, and no traceback."""
+    run = tmp_path / "run"
+    shutil.copytree(ppo_runs["pristine"], run)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "crl.cli", "train", *ppo_runs["args"], "--resume", str(run)]
+    procs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    codes = sorted(p.returncode for p in procs)
+    assert codes[0] == 0 and codes[1] != 0, outs
+    loser = next(out for p, out in zip(procs, outs, strict=True) if p.returncode != 0)
+    text = loser[0] + loser[1]
+    assert "Traceback" not in text
+    assert str(run) in text and ("in use by another crl process" in text
+                                 or "finished" in text), text
+    assert (run / "results.json").is_file()

@@ -351,6 +351,7 @@ def _execute(
         name=name,
         job_type="supervised",
         resume_rows=None if resume is None else int(resume["rows"]),
+        new_run=resume is None,
     ) as tracker:
         model = _build_model(config, benchmark)
 
