@@ -84,6 +84,10 @@ def _value(term: torch.Tensor | float) -> float:
     return float(term)
 
 
+#: name of the continual state among the parameters of SB3's zip
+CONTINUAL_PARAMS = "continual"
+
+
 class ContinualAgent:
     """Mixin for an SB3 algorithm trained on a task sequence (see the module docstring).
 
@@ -211,6 +215,30 @@ class ContinualAgent:
             "switch_log": [dict(e) for e in self.switch_log],
             "extra": self._extra_continual_state(),
         }
+
+    # SB3's own save()/load() carry the continual state as one more entry of the zip's
+    # parameters ("continual.pth", read back with torch.load(weights_only=True)), so a
+    # model saved with model.save() and loaded with Cls.load() keeps its strategy state
+    # (Fishers, masks, memories) and its position in the sequence.
+    def get_parameters(self) -> dict[str, dict]:
+        params = super().get_parameters()  # type: ignore[misc]
+        params[CONTINUAL_PARAMS] = self.continual_state_dict()
+        return params
+
+    def set_parameters(self, load_path_or_dict: Any, exact_match: bool = True,
+                       device: Any = "auto") -> None:
+        continual = None
+        if not isinstance(load_path_or_dict, dict):  # a zip path: read its parameters here
+            from stable_baselines3.common.save_util import load_from_zip_file
+
+            _, load_path_or_dict, _ = load_from_zip_file(load_path_or_dict, device=device,
+                                                         load_data=False)
+        if CONTINUAL_PARAMS in load_path_or_dict:
+            load_path_or_dict = dict(load_path_or_dict)
+            continual = load_path_or_dict.pop(CONTINUAL_PARAMS)
+        super().set_parameters(load_path_or_dict, exact_match, device)  # type: ignore[misc]
+        if continual is not None:
+            self.load_continual_state_dict(continual)
 
     def load_continual_state_dict(self, state: Mapping[str, Any]) -> None:
         if state["strategy_name"] != self.strategy.name:

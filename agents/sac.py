@@ -156,7 +156,7 @@ class ContinualSAC(ContinualAgent, SAC):
         *,
         strategy: Strategy | str = "finetune",
         strategy_options: Mapping[str, Any] | None = None,
-        num_tasks: int,
+        num_tasks: int | None = None,
         multi_head: bool = True,
         reset_buffer: bool = True,
         reset_optimizer: bool = True,
@@ -167,7 +167,11 @@ class ContinualSAC(ContinualAgent, SAC):
         importance_batch_size: int = 256,
         **sb3_kwargs: Any,
     ) -> None:
-        check_num_tasks(num_tasks)
+        # SB3's load() builds the model with _init_setup_model=False, restores the saved
+        # attributes, then calls _setup_model(), which binds the strategy (see there)
+        loading = not sb3_kwargs.get("_init_setup_model", True)
+        if not loading:
+            check_num_tasks(num_tasks)  # type: ignore[arg-type]
         if "learning_starts" in sb3_kwargs:
             raise ValueError(
                 "ContinualSAC re-arms SB3's learning_starts at every task: pass "
@@ -187,6 +191,18 @@ class ContinualSAC(ContinualAgent, SAC):
         env = maybe_make_env(env, int(sb3_kwargs.get("verbose", 0)))
         _check_spaces(env)
         seed = sb3_kwargs.get("seed")
+        # saved by SB3's save() so that load() can rebuild the strategy (its state comes
+        # from the zip's continual parameters); an instance is rebuilt from its name
+        self._continual_args = {
+            "strategy": strategy if isinstance(strategy, str) else strategy.name,
+            "strategy_options": None if isinstance(strategy, Strategy) or not strategy_options
+            else dict(strategy_options),
+            "num_tasks": num_tasks, "seed": seed, "reset_optimizer": reset_optimizer,
+        }
+        if loading:
+            self._loading = True
+            super().__init__(policy, env, learning_starts=self.exploration_steps, **sb3_kwargs)
+            return
         built = build_strategy(strategy, strategy_options, num_tasks, seed)
 
         policy = self._resolve_policy(policy, sb3_kwargs)
@@ -230,6 +246,11 @@ class ContinualSAC(ContinualAgent, SAC):
             init = self.log_ent_coef.detach().reshape(-1)[0]
             self.log_ent_coef = init.repeat(self.num_tasks).requires_grad_(True)
             self.ent_coef_optimizer = torch.optim.Adam([self.log_ent_coef], lr=self.lr_schedule(1))
+        if self.__dict__.pop("_loading", False):  # load(): the saved attributes are back
+            args = self._continual_args
+            self._importance_rng = np.random.default_rng(args["seed"])
+            self._init_continual(args["strategy"], args["strategy_options"], args["num_tasks"],
+                                 args["seed"], args["reset_optimizer"])
 
     def _excluded_save_params(self) -> list[str]:
         # Strategy state lives in continual_state_dict(); the host refers back to the agent.

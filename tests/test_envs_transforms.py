@@ -178,7 +178,7 @@ def test_float64_and_float32_observations_become_float32():
 # -- registration -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["ClassicMix", "CartPoleRotated", "PendulumRotated"])
+@pytest.mark.parametrize("name", ["ClassicMix", "MujocoMix", "CartPoleRotated", "PendulumRotated"])
 def test_new_sequences_are_registered_and_listed(name):
     assert name in envs.sequence_names()
     assert name in envs.describe_sequences()
