@@ -532,7 +532,9 @@ def _train_stages(agent: Any, stages: Sequence[Stage], evaluator: BatchedEvaluat
 
     checkpoints = Checkpoints(checkpoint_every, write, int(agent.num_timesteps))
     total = ends[-1]
-    bar = tqdm(total=total, desc=desc, unit="step", disable=not progress, leave=False,
+    # disable=None: tqdm draws only on a terminal (a log file gets no carriage returns)
+    bar = tqdm(total=total, desc=desc, unit="step", disable=None if progress else True,
+               leave=False,
                dynamic_ncols=True, initial=int(agent.num_timesteps))
     try:
         callback: BaseCallback = _EvalCallback(eval_every, evaluate, set(ends), bar)

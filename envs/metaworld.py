@@ -80,10 +80,17 @@ class MetaWorldTask(gym.Wrapper, gym.utils.RecordConstructorArgs):
 
 
 def make_metaworld_task(
-    env_name: str, horizon: int = CW_HORIZON, render_mode: str | None = None, **kwargs: Any
+    env_name: str | None = None, horizon: int = CW_HORIZON, render_mode: str | None = None,
+    **kwargs: Any,
 ) -> gym.Env:
     """Gymnasium entry point of :data:`ENV_ID`: ``gymnasium.make("crl/MetaWorld-v0",
     env_name="hammer-v3", horizon=200)``."""
+    if env_name is None:
+        raise EnvConfigError(
+            f'{ENV_ID} needs the Meta-World task: gymnasium.make("{ENV_ID}", '
+            'env_name="hammer-v3") (names: metaworld.env_dict.ALL_V3_ENVIRONMENTS; CW10\'s '
+            "tasks: crl list sequences)."
+        )
     from metaworld.env_dict import ALL_V3_ENVIRONMENTS
 
     if env_name not in ALL_V3_ENVIRONMENTS:

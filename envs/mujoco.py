@@ -117,9 +117,16 @@ def scaled_xml(xml_path: str, body_scales: Mapping[str, float]) -> str:
     return out
 
 
-def make_morphed(base_env_id: str, body_scales: Mapping[str, float], **kwargs: Any) -> gym.Env:
+def make_morphed(base_env_id: str | None = None, body_scales: Mapping[str, float] | None = None,
+                 **kwargs: Any) -> gym.Env:
     """Gymnasium entry point of :data:`MORPH_ENV_ID`: the base MuJoCo env built from a copy
     of its XML with ``body_scales`` applied (see the module docstring)."""
+    if base_env_id is None or not body_scales:
+        raise EnvConfigError(
+            f'{MORPH_ENV_ID} needs the env to change and the body scales: gymnasium.make('
+            f'"{MORPH_ENV_ID}", base_env_id="HalfCheetah-v5", body_scales={{"bthigh": 1.5}}) '
+            "(body names as in the env's MuJoCo XML)."
+        )
     base = gym.spec(base_env_id)
     creator = load_env_creator(base.entry_point)
     default_xml = inspect.signature(creator).parameters.get("xml_file")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib
+import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -45,7 +46,24 @@ class WrapperSpec:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kwargs", dict(self.kwargs))
-        resolve_wrapper(self.target)  # fail at definition time, not in a worker process
+        fn = resolve_wrapper(self.target)  # fail at definition time, not in a worker process
+        try:
+            sig = inspect.signature(fn)
+        except (TypeError, ValueError):  # builtins without a signature: checked when applied
+            return
+        try:
+            sig.bind(None, **self.kwargs)
+        except TypeError as exc:
+            params = [n for n in list(sig.parameters)[1:]
+                      if sig.parameters[n].kind not in (inspect.Parameter.VAR_POSITIONAL,
+                                                        inspect.Parameter.VAR_KEYWORD)]
+            unknown = [k for k in self.kwargs if k not in sig.parameters]
+            close = {k: difflib.get_close_matches(k, params, n=1) for k in unknown}
+            hint = "; ".join(f"{k!r}: did you mean {c[0]!r}?" for k, c in close.items() if c)
+            raise EnvConfigError(
+                f"Wrapper {self.name!r}: bad arguments {dict(self.kwargs)} ({exc}). It takes: "
+                f"{', '.join(params) or 'no arguments'}." + (f" {hint}" if hint else "")
+            ) from None
 
     @property
     def name(self) -> str:
@@ -200,6 +218,15 @@ class TaskSpec:
             kwargs["disable_env_checker"] = True
         try:
             env = gym.make(env_id, **kwargs)
+        except TypeError as exc:
+            if "unexpected keyword argument" not in str(exc) and "missing" not in str(exc):
+                raise
+            raise EnvConfigError(
+                f"Task {self.name!r}: {self.env_id} does not take the kwargs "
+                f"{sorted(self.kwargs)} given to it: {str(exc).split(' was raised')[0]}. Fix "
+                "the task's kwargs (env constructor arguments, plus gymnasium.make's own such "
+                "as max_episode_steps)."
+            ) from None
         except gym.error.DependencyNotInstalled as exc:
             raise MissingExtraError(
                 f"Task {self.name!r} ({self.env_id}) needs a package that is not installed: "

@@ -402,7 +402,7 @@ def run_sequence(
             total=n_batches(i) * config.epochs,
             initial=0 if resumed is None else n_batches(i) * resumed.epoch + resumed.batch,
             desc=f"{strategy.name} task {i + 1}/{n_tasks}",
-            disable=not config.progress,
+            disable=None if config.progress else True,  # None: only on a terminal
             leave=False,
         )
         for epoch in range(first_epoch, config.epochs):
@@ -468,7 +468,7 @@ def run_joint(
         model.train()
         first_epoch = 0 if resumed is None else resumed.epoch
         for epoch in tqdm(range(first_epoch, config.epochs), desc="joint",
-                          disable=not config.progress, leave=False):
+                          disable=None if config.progress else True, leave=False):
             batches = run.epoch_batches(
                 lambda: iterate_batches(x, y, task_ids, config.batch_size, generator=generator),
                 epoch, resumed)
