@@ -31,6 +31,7 @@ import json
 import math
 import os
 import tempfile
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -409,9 +410,14 @@ def random_returns(
             payload["max_steps"] = max_steps
         paths[t] = root / f"{sequence.tasks[t].name}-{_digest(payload)}.json"
         if paths[t].is_file():
-            out[t] = float(json.loads(paths[t].read_text())["mean_return"])
-        else:
-            todo.append(t)
+            try:
+                out[t] = float(json.loads(paths[t].read_text())["mean_return"])
+                continue
+            except (ValueError, KeyError, TypeError) as exc:  # a cache: measure it again
+                warnings.warn(f"the random-policy return cache {paths[t]} is unreadable "
+                              f"({type(exc).__name__}: {exc}); measuring it again",
+                              RuntimeWarning, stacklevel=2)
+        todo.append(t)
     if todo:
         with BatchedEvaluator(sequence, episodes, tasks=todo, seed=seed,
                               max_steps=max_steps) as ev:

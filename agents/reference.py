@@ -36,6 +36,10 @@ if TYPE_CHECKING:
 FORMAT_VERSION = 1
 
 
+class CorruptReferenceError(ValueError):
+    """A cached reference run cannot be read; the message names the file and the fix."""
+
+
 class MissingReferenceError(FileNotFoundError):
     """Reference runs are needed but not cached; the message gives the command to make them."""
 
@@ -106,11 +110,18 @@ class ReferenceRun:
 
     @classmethod
     def load(cls, path: Path, k: int = 5) -> ReferenceRun:
-        data = json.loads(path.read_text())
-        succ = [np.nan if v is None else v for v in data["success_rates"]]
-        return cls(int(data["task_index"]), data["task_name"], np.asarray(data["steps"]),
-                   np.asarray(data["mean_returns"], dtype=float), np.asarray(succ, dtype=float),
-                   int(data["budget"]), path, k)
+        try:
+            data = json.loads(path.read_text())
+            succ = [np.nan if v is None else v for v in data["success_rates"]]
+            return cls(int(data["task_index"]), data["task_name"], np.asarray(data["steps"]),
+                       np.asarray(data["mean_returns"], dtype=float),
+                       np.asarray(succ, dtype=float), int(data["budget"]), path, k)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CorruptReferenceError(
+                f"the reference run file {path} is unreadable ({type(exc).__name__}: {exc}); "
+                "delete it and create it again with `crl reference ... --force` (the same "
+                "options as the run)"
+            ) from None
 
 
 def load_references(config: RunConfig, sequence: TaskSequence, *, required: bool = False

@@ -342,7 +342,7 @@ def _run_failures(run_dir: str | None = None) -> Iterator[None]:
             f"cannot resume {run_dir}: {exc}" if run_dir else str(exc)) from exc
     except RunLockedError as exc:
         raise click.ClickException(str(exc)) from exc
-    except OSError as exc:
+    except (OSError, RuntimeError) as exc:  # torch reports a full disk as a RuntimeError
         message = filesystem_message(exc)
         if message is None:
             raise
