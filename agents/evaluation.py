@@ -492,9 +492,13 @@ class ScoreNormalizer:
             return np.full(np.shape(mean_returns), np.nan)
         return np.asarray(normalize_score(mean_returns, self.low[task], self.high[task]))
 
+    #: per task: how its score is defined, in words (tables print it beside the scores)
+    basis: list[str] = field(default_factory=list)
+
     def to_dict(self) -> dict[str, Any]:
         return {"kind": list(self.kind), "low": self.low.tolist(), "high": self.high.tolist(),
-                "missing": {self.task_names[t]: why for t, why in self.missing.items()}}
+                "missing": {self.task_names[t]: why for t, why in self.missing.items()},
+                "basis": list(self.basis)}
 
 
 def build_normalizer(
@@ -522,6 +526,17 @@ def build_normalizer(
     measured = random_returns(sequence, need_low, episodes=random_episodes, seed=seed,
                               cache_dir=cache_dir, max_steps=max_steps) if need_low else {}
     refs = reference_returns or {}
+    basis = []
+    for t, k in zip(sequence.tasks, kind, strict=True):
+        if k == "success":
+            basis.append("success rate")
+        elif t.score_basis:
+            basis.append(t.score_basis)
+        else:
+            basis.append("return between " + ("the configured low" if t.low is not None
+                                                else "the random policy's") + " and " +
+                           ("the configured high" if t.high is not None
+                            else "the single-task reference run's"))
     for i, t in enumerate(sequence.tasks):
         if kind[i] == "success":
             continue
@@ -541,4 +556,4 @@ def build_normalizer(
                 "longer or configure the task's low/high bounds"
             )
     return ScoreNormalizer(sequence.task_names, kind, low, high, missing,
-                           f"create the reference runs with `{reference_hint}`")
+                           f"create the reference runs with `{reference_hint}`", basis)

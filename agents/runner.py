@@ -972,7 +972,8 @@ def _execute(plan: _Plan, path: Path, *, resume: _Resume | None = None,
         history = stage_history(record, sequence)
         summary: dict[str, Any] = {"method": config.method, "agent": config.agent,
                                    "forgetting_k": config.forgetting_k,
-                                   "sequence": sequence.name, "seed": config.seed}
+                                   "sequence": sequence.name, "seed": config.seed,
+                                   "score_basis": list(plan.normalizer.basis)}
         plot_path = None
         if history is None:
             summary["metrics_reason"] = plan.normalizer.missing_reason

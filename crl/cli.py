@@ -702,6 +702,12 @@ def print_run_table(summary: dict[str, Any], title: str) -> None:
               _fmt_value(summary.get("mean_new_task_gain")), "",
               _fmt_value(summary.get("mean_forward_transfer")))
     console.print(t)
+    basis = summary.get("score_basis") or []
+    if basis:
+        names = [r["task"] for r in summary["table"]][:len(basis)]
+        text = (f"scores: {basis[0]}" if len(set(basis)) == 1 else "scores: " + "; ".join(
+            f"{n}: {b}" for n, b in zip(names, basis, strict=False)))
+        console.print(escape(text), soft_wrap=True)
     for key in ("metrics_reason", "forward_transfer_reason"):
         if summary.get(key):
             console.print(f"[yellow]{key.replace('_', ' ')}:[/] {escape(summary[key])}",

@@ -19,7 +19,22 @@ from envs.sequence import TaskSequence
 from envs.spec import TaskSpec, WrapperSpec
 
 Transform = Literal["hflip", "vflip", "noisy"]
+Scores = Literal["human", "reference"]
 NOISE_STD = 25.0  # pixel units on 0..255 grey frames
+
+#: game -> (random, human) scores of the human-normalised score of Mnih et al. 2015
+#: ("Human-level control through deep reinforcement learning"), as tabulated by Badia et
+#: al. 2020 (Agent57, appendix: random and human scores of the 57 games)
+HUMAN_SCORES: dict[str, tuple[float, float]] = {
+    "SpaceInvaders": (148.0, 1668.7),
+    "Krull": (1598.0, 2665.5),
+    "BeamRider": (363.9, 16926.5),
+    "Hero": (1027.0, 30826.4),
+    "StarGunner": (664.0, 10250.0),
+    "MsPacman": (307.3, 6951.6),
+    "Pong": (-20.7, 14.6),
+}
+HUMAN_BASIS = "human-normalised: (return - random) / (human - random), Mnih et al. 2015"
 
 
 def atari_task(
@@ -32,11 +47,22 @@ def atari_task(
     repeat_action_probability: float = 0.25,
     low: float | None = None,
     high: float | None = None,
+    scores: Scores = "human",
 ) -> TaskSpec:
     """One ALE game (``game`` as in ``ALE/<game>-v5``) with the standard preprocessing.
 
-    Score bounds default to measurement (random policy and reference run).
+    Scores: ``"human"`` (the default for games in :data:`HUMAN_SCORES`) normalises between
+    the published random and human scores, Atari's standard, so scores need no reference
+    run; ``"reference"`` measures the random policy and takes the single-task reference
+    run's return as the top (as for the other task families). ``low``/``high`` given
+    explicitly win. Variants (modes, difficulties, flips, noise) keep their game's scale.
     """
+    if scores not in ("human", "reference"):
+        raise ValueError(f"Atari scores must be 'human' or 'reference', got {scores!r}.")
+    basis = ""
+    if scores == "human" and game in HUMAN_SCORES and low is None and high is None:
+        low, high = HUMAN_SCORES[game]
+        basis = HUMAN_BASIS
     kwargs: dict[str, Any] = {
         "frameskip": 1,
         "full_action_space": True,
@@ -70,46 +96,49 @@ def atari_task(
         high=high,
         requires=("ale_py",),
         extra="atari",
+        score_basis=basis,
     )
 
 
 ATARI6_GAMES = ("SpaceInvaders", "Krull", "BeamRider", "Hero", "StarGunner", "MsPacman")
 
 
-def atari6() -> TaskSequence:
+def atari6(scores: Scores = "human") -> TaskSequence:
     """The 6-game sequence of CLEAR (Rolnick et al. 2019) and CORA (Powers et al. 2021).
 
     Default budget: 12.5M agent steps per task (50M frames at frame skip 4), 3 cycles.
+    ``scores``: see :func:`atari_task` (``envs.get_sequence("Atari6", scores="reference")``).
     """
     return TaskSequence(
         "Atari6",
-        [atari_task(g) for g in ATARI6_GAMES],
+        [atari_task(g, scores=scores) for g in ATARI6_GAMES],
         steps_per_task=12_500_000,
         cycles=3,
         description="CLEAR/CORA's 6 Atari games",
     )
 
 
-def atari3() -> TaskSequence:
+def atari3(scores: Scores = "human") -> TaskSequence:
     return TaskSequence(
         "Atari3",
-        [atari_task(g) for g in ATARI6_GAMES[:3]],
+        [atari_task(g, scores=scores) for g in ATARI6_GAMES[:3]],
         steps_per_task=2_500_000,
         description="The first 3 games of Atari6, a cheaper version",
     )
 
 
-def pong_soup() -> TaskSequence:
-    """Pong variants: ALE game modes and difficulties, plus flipped and noisy screens."""
+def pong_soup(scores: Scores = "human") -> TaskSequence:
+    """Pong variants: ALE game modes and difficulties, plus flipped and noisy screens (each
+    scored on Pong's human-normalised scale by default)."""
     return TaskSequence(
         "PongSoup",
         [
-            atari_task("Pong", name="pong"),
-            atari_task("Pong", name="pong-mode1", mode=1),
-            atari_task("Pong", name="pong-difficulty3", difficulty=3),
-            atari_task("Pong", name="pong-hflip", transform="hflip"),
-            atari_task("Pong", name="pong-vflip", transform="vflip"),
-            atari_task("Pong", name="pong-noisy", transform="noisy"),
+            atari_task("Pong", name="pong", scores=scores),
+            atari_task("Pong", name="pong-mode1", mode=1, scores=scores),
+            atari_task("Pong", name="pong-difficulty3", difficulty=3, scores=scores),
+            atari_task("Pong", name="pong-hflip", transform="hflip", scores=scores),
+            atari_task("Pong", name="pong-vflip", transform="vflip", scores=scores),
+            atari_task("Pong", name="pong-noisy", transform="noisy", scores=scores),
         ],
         steps_per_task=2_500_000,
         description="Pong with ALE modes/difficulties and flipped or noisy screens",

@@ -140,6 +140,8 @@ class TaskSpec:
     high: float | None = None
     requires: Sequence[str] = ()
     extra: str | None = None
+    #: where configured bounds come from, said beside the scores (e.g. "human-normalised")
+    score_basis: str = ""
 
     def __post_init__(self) -> None:
         if not isinstance(self.env_id, str) or not self.env_id:

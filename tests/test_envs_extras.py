@@ -146,3 +146,25 @@ def test_metaworld_task_is_fixed_by_the_seed():
         assert np.array_equal(ev[0].reset()[0][36:39], g0)
     obs, *_, info = ev[0].step(np.zeros(4, np.float32))
     assert info["success"] == 0.0 and info["task_index"] == 6
+
+
+def test_atari_scores_are_human_normalised_by_default():
+    """No pip extra needed: the specs carry the bounds; only building an env needs ale-py."""
+    from agents.evaluation import build_normalizer
+    from envs.atari import HUMAN_SCORES, atari3, atari_task
+
+    seq = atari3()
+    for task, game in zip(seq.tasks, ("SpaceInvaders", "Krull", "BeamRider"), strict=True):
+        assert (task.low, task.high) == HUMAN_SCORES[game]
+        assert task.score_basis.startswith("human-normalised")
+    norm = build_normalizer(seq)  # every bound configured: no env is built, no reference
+    assert norm.complete and all(b.startswith("human-normalised") for b in norm.basis)
+    # a return half-way between random and human scores 0.5
+    low, high = HUMAN_SCORES["Krull"]
+    assert norm.normalize_returns(1, np.array([(low + high) / 2]))[0] == pytest.approx(0.5)
+    ref = atari3(scores="reference")
+    assert all(t.low is None and t.high is None and not t.score_basis for t in ref.tasks)
+    # explicit bounds win; an unknown basis is refused
+    assert (atari_task("Pong", low=-21, high=21).low, atari_task("Pong").low) == (-21, -20.7)
+    with pytest.raises(ValueError, match="'human' or 'reference'"):
+        atari_task("Pong", scores="median")
