@@ -157,7 +157,7 @@ class ContinualPPO(ContinualAgent, PPO):
         importance_samples: int = 2048,
         **sb3_kwargs: Any,
     ) -> None:
-        strategy_options = _replay_as_distillation(strategy, strategy_options)
+        strategy_options = replay_as_distillation(strategy, strategy_options)
         if (
             isinstance(importance_samples, bool)
             or not isinstance(importance_samples, int)
@@ -462,7 +462,7 @@ def _rollout_batch(data: Any) -> dict[str, Any]:
     return batch
 
 
-def _replay_as_distillation(
+def replay_as_distillation(
     strategy: Strategy | str, options: dict[str, Any] | None
 ) -> dict[str, Any] | None:
     """PPO's replay is distillation: default ``mode="distill"``, refuse the other modes."""

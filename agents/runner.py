@@ -65,6 +65,7 @@ from crl.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from crl.config import check_seed
 from crl.metrics import EvalHistory, bootstrap_ci, summarize
 from crl.plots import plot_task_curves
 from crl.runs import (
@@ -154,6 +155,10 @@ class RunConfig:
             raise ConfigError(f"unknown agent {self.agent!r}; choose one of: {', '.join(AGENTS)}")
         self.method = str(self.method).strip().lower()
         strategy_class(self.method)  # unknown methods fail before any work is done
+        try:
+            check_seed(self.seed)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         for name in ("eval_every", "eval_episodes", "forgetting_k", "random_episodes"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -267,6 +272,10 @@ def check_method_options(config: RunConfig, sequence: TaskSequence) -> None:
     options = rl_method_options(config.agent, config.method,
                                 config.method_options.get(config.method), config.agent_options)
     try:
+        if config.agent == "ppo":
+            from agents.ppo import replay_as_distillation
+
+            options = replay_as_distillation(config.method, options) or options
         build_strategy(config.method, options, sequence.num_tasks, config.seed)
     except (ValueError, TypeError) as exc:
         given = sorted(config.method_options.get(config.method) or {})

@@ -137,8 +137,12 @@ def _resolve(params: dict[str, Any]) -> dict[str, Any]:
     """Merge YAML and command line into one flat dict of option dests."""
     given = {k: v for k, v in params.items() if v is not None and k != "config_file"}
     known = set(params) - {"config_file"}
-    from_file = flatten_config(load_yaml(params["config_file"]), known) if params.get(
-        "config_file") else {}
+    from_file: dict[str, Any] = {}
+    if params.get("config_file"):
+        try:
+            from_file = flatten_config(load_yaml(params["config_file"]), known)
+        except ValueError as exc:
+            raise ValueError(f"--config {params['config_file']}: {exc}") from None
     return from_file | given
 
 
@@ -246,7 +250,7 @@ def _plain_warnings() -> None:
 
 
 def _supervised(**params: Any) -> None:
-    from crl.supervised.experiment import build_benchmark, run_experiment
+    from crl.supervised.experiment import build_benchmark, check_method_options, run_experiment
     from crl.supervised.mnist import MNISTError, load_mnist
 
     resume, run_path = params.pop("resume", None), params.pop("run_path", None)
@@ -259,9 +263,10 @@ def _supervised(**params: Any) -> None:
             _check_run_path(run_path, configs)
         data = load_mnist(configs[0].data_dir, download=configs[0].download)
         benchmarks: dict[int, Any] = {}
-        for cfg in configs:  # every benchmark is built (and checked) before any run starts
+        for cfg in configs:  # every benchmark and method is checked before any run starts
             if cfg.seed not in benchmarks:  # it depends on the seed, not the method
                 benchmarks[cfg.seed] = build_benchmark(cfg, data)
+            check_method_options(cfg, len(benchmarks[cfg.seed].tasks))
     except (ValueError, FileNotFoundError, MNISTError) as exc:
         raise click.UsageError(str(exc)) from exc
     rows = []

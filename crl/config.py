@@ -77,6 +77,13 @@ def method_options() -> list[MethodOption]:
     return out
 
 
+def check_seed(seed: Any) -> int:
+    """A run seed as numpy and torch take it: an integer in [0, 2**32 - 1]."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise ValueError(f"--seed must be an integer in [0, 2**32 - 1], got {seed!r}")
+    return seed
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a config file; a missing file or bad YAML names the file and the problem."""
     p = Path(path)

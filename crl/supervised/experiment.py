@@ -46,6 +46,7 @@ from crl.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from crl.config import check_seed
 from crl.plots import plot_average_and_forgetting
 from crl.runs import (
     RunFailed,
@@ -120,6 +121,7 @@ class SupervisedConfig:
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        check_seed(self.seed)
         if self.method != JOINT:
             strategy_class(self.method)  # unknown names fail before any work is done
         if self.wandb not in ("offline", "online", "disabled"):
@@ -185,6 +187,20 @@ def summarize(result: SupervisedResult) -> dict[str, Any]:
     else:  # joint training has no sequence, so no forgetting
         summary["forgetting"] = float("nan")
     return summary
+
+
+def check_method_options(config: SupervisedConfig, n_tasks: int) -> None:
+    """Build the method once from its resolved options, before any run directory exists: a
+    bad option is an error naming it (ValueError), not a failed run left behind."""
+    if config.method == JOINT:
+        return
+    try:
+        make_strategy(config.method, **method_options_for(config, n_tasks))
+    except (ValueError, TypeError) as exc:
+        given = sorted(config.method_options.get(config.method) or {})
+        flags = ", ".join(f"--{config.method}-{k.replace('_', '-')}" for k in given)
+        raise ValueError(f"{config.method}: {exc}" + (f" (options given: {flags})" if flags
+                                                       else "")) from exc
 
 
 def build_benchmark(config: SupervisedConfig, data: MNIST | None = None) -> Benchmark:
