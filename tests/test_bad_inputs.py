@@ -4,8 +4,10 @@ or left half-written (no run directory is created by a refused run)."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 import shutil
 import warnings
 from collections.abc import Callable
@@ -200,3 +202,23 @@ def test_bad_input_is_refused_clearly_and_changes_nothing(case: Case, workdir: P
     assert after == before, "files changed: " + json.dumps(
         sorted(set(after.items()) ^ set(before.items())), default=str)[:500]
     assert not (workdir / "runs").exists() or not any((workdir / "runs").rglob("config.yaml"))
+
+
+@pytest.mark.parametrize("code, words", [
+    (errno.ENOTDIR, ("not a folder",)), (errno.EROFS, ("read-only",)),
+    (errno.ENOSPC, ("disk is full", "checkpoint is kept")), (errno.EACCES, ("permission",)),
+])
+def test_file_system_errors_name_the_path_and_the_fix(code: int, words: tuple[str, ...]) -> None:
+    """Read-only file systems and full disks cannot be made in a test without privileges:
+    the one translation every command uses is checked on the errors the OS raises."""
+    from crl.cli import filesystem_message
+
+    exc = OSError(code, os.strerror(code), "/data/runs/x/checkpoints/last.pt")
+    msg = filesystem_message(exc)
+    assert msg is not None and "/data/runs/x/checkpoints/last.pt" in msg
+    for w in words:
+        assert w in msg
+    # torch reports a full disk while saving as a RuntimeError without an errno
+    wrapped = RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos")
+    assert "disk is full" in (filesystem_message(wrapped) or "")
+    assert filesystem_message(RuntimeError("shape mismatch")) is None
