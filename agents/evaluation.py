@@ -1,4 +1,5 @@
-"""Evaluation of every task of a sequence, and DESIGN.md's score normalisation.
+"""Evaluation of every task of a sequence, and score normalisation (docs/ARCHITECTURE.md,
+"Metrics").
 
 :class:`BatchedEvaluator` runs all (task, episode) pairs at once: one Gymnasium
 ``SyncVectorEnv`` holds a slot per pair, built from ``sequence.eval_env_fns`` with the task's
@@ -16,11 +17,11 @@ task i's evaluation seed (``sequence.eval_seeds(seed)``). Every evaluation of a 
 same seeds, so successive evaluations differ only by the policy (common random numbers), not
 by the sampled start states.
 
-Scores (DESIGN.md, "Metrics"): Meta-World tasks score their success rate (``info["success"]``
-at any step of the episode, as CW); other tasks ``(R - low) / (high - low)`` clipped to
-[0, 1], with the task's configured bounds, or where a bound is None, the random policy's
-mean return (``low``, measured once and cached) and the single-task reference run's final
-return (``high``).
+Scores (docs/ARCHITECTURE.md, "Metrics"): Meta-World tasks score their success rate
+(``info["success"]`` at any step of the episode, as CW); other tasks
+``(R - low) / (high - low)`` clipped to [0, 1], with the task's configured bounds, or where a
+bound is None, the random policy's mean return (``low``, measured once and cached) and the
+single-task reference run's final return (``high``).
 """
 
 from __future__ import annotations
@@ -511,7 +512,8 @@ def build_normalizer(
     reference_hint: str = "crl reference",
     max_steps: int | None = None,
 ) -> ScoreNormalizer:
-    """Bounds for every task: configured ones first, else measured ones (DESIGN.md).
+    """Bounds for every task: configured ones first, else measured ones
+    (docs/ARCHITECTURE.md, "Metrics").
 
     ``reference_returns[t]``: the final mean return of task t's single-task reference run,
     used as ``high`` where the task configures none. Random-policy returns (``low``) are

@@ -1,11 +1,11 @@
 """Single-task reference runs: forward transfer's baseline and the upper return bounds.
 
 CW's forward transfer compares task i's learning curve in the sequence with a run that
-learns task i alone "with the same agent settings" (DESIGN.md). Here a reference run trains
-the very agent of the continual run (same class, network, heads, observation with the
-sequence's one-hot, SB3 options) on task i only, for task i's budget, with the finetune
-strategy (no method acts during a first task) and seed ``reference_seed`` (1, CW's
-"seed 001"), evaluated every ``eval_every`` steps with the same evaluation protocol.
+learns task i alone "with the same agent settings" (docs/ARCHITECTURE.md, "Metrics"). Here
+a reference run trains the very agent of the continual run (same class, network, heads,
+observation with the sequence's one-hot, SB3 options) on task i only, for task i's budget,
+with the finetune strategy (no method acts during a first task) and seed ``reference_seed``
+(1, CW's "seed 001"), evaluated every ``eval_every`` steps with the same evaluation protocol.
 
 Runs are cached as JSON under ``<reference_dir>/<sequence>/<agent>/<task>-<key>.json``
 (default ``~/.cache/crl/references``); the key hashes everything that changes the curve:

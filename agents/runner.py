@@ -197,7 +197,9 @@ class RunConfig:
 
 def check_device(device: str) -> None:
     """A device torch knows and this machine has: training on the CPU while the config says
-    ``cuda`` would record a lie."""
+    ``cuda`` would record a lie. ``auto`` is SB3's own choice (CUDA where available)."""
+    if device == "auto":
+        return
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:

@@ -1,6 +1,6 @@
 """Continual-learning metrics, one implementation for RL and supervised learning.
 
-Two views of the same quantities (DESIGN.md, "Metrics"):
+Two views of the same quantities (docs/ARCHITECTURE.md, "Metrics"):
 
 * the **performance matrix** ``R`` of shape ``(T, T)``, ``R[i, j]`` = score of task ``j``
   after training task ``i`` (supervised accuracy matrix; any scale, e.g. [0, 1] or percent);
@@ -35,9 +35,10 @@ def normalize_score(
 ) -> float | np.ndarray:
     """Map a raw return to p = (R - low) / (high - low), clipped to [0, 1] by default.
 
-    Per-task bounds make returns of different tasks comparable (DESIGN: a random policy's
-    return as ``low``, the single-task reference run's return as ``high``). ``low``/``high``
-    broadcast against ``raw``, so one call can normalise a whole (evals, tasks) array.
+    Per-task bounds make returns of different tasks comparable (docs/ARCHITECTURE.md,
+    "Metrics": a random policy's return as ``low``, the single-task reference run's return
+    as ``high``). ``low``/``high`` broadcast against ``raw``, so one call can normalise a
+    whole (evals, tasks) array.
     Returns a float for scalar input, an array otherwise.
     """
     raw_a = np.asarray(raw, dtype=float)
@@ -99,7 +100,8 @@ def _require_two_tasks(M: np.ndarray, metric: str) -> None:
 def average_performance(R: ArrayLike, seen_only: bool = False) -> np.ndarray:
     """P after each training task, length T.
 
-    ``seen_only=False``: mean over all T tasks (DESIGN / CW P(t), unseen tasks count).
+    ``seen_only=False``: mean over all T tasks (CW's P(t), unseen tasks count;
+    docs/ARCHITECTURE.md, "Metrics").
     ``seen_only=True``: mean over tasks 0..i after task i, the usual supervised "average
     accuracy" curve; entries above the diagonal are then not read (they may be nan).
     """
@@ -121,7 +123,7 @@ def final_performance(R: ArrayLike) -> float:
 
 
 def forgetting(R: ArrayLike) -> np.ndarray:
-    """F_i = R[i, i] - R[T-1, i] for i < T-1 (DESIGN), length T-1.
+    """F_i = R[i, i] - R[T-1, i] for i < T-1 (docs/ARCHITECTURE.md, "Metrics"), length T-1.
 
     Positive means the task was forgotten. With T == 1 no task can be forgotten and the
     result is an empty array (well defined); :func:`average_forgetting` raises instead of

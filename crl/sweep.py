@@ -6,7 +6,8 @@ product) and an optional extra axis of option sets (``overrides``). Each grid po
 one run with a deterministic id (``ppo-ewc-CartPoleSwap-ewc_lam=100-seed1``) and folder
 ``out/<name>/<run-id>``. A run is a Ray task that starts the ordinary command as a
 subprocess, so a sweep run is exactly what a user would get by typing the command, crashes
-stay inside their process, and Ray only schedules (no home-made scheduler, DESIGN "Scale").
+stay inside their process, and Ray only schedules (no home-made scheduler;
+docs/ARCHITECTURE.md, "Layers").
 
 The whole config is checked before anything starts, through the command's own options (their
 click types) and the command's own config checks, and every problem is reported at once. A

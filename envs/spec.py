@@ -127,9 +127,9 @@ class TaskSpec:
 
     ``low``/``high`` are the return bounds for the normalised score
     ``(R - low) / (high - low)``; ``None`` means "measure them" (random policy and the
-    single-task reference run, see DESIGN.md). ``requires`` lists modules to import before
-    ``gymnasium.make`` (they register the env ids, e.g. ``ale_py``); ``extra`` names the
-    ``crl`` extra that installs them, for the error message.
+    single-task reference run, see docs/ARCHITECTURE.md, "Metrics"). ``requires`` lists
+    modules to import before ``gymnasium.make`` (they register the env ids, e.g. ``ale_py``);
+    ``extra`` names the ``crl`` extra that installs them, for the error message.
     """
 
     env_id: str

@@ -1,7 +1,8 @@
 """The strategy contract shared by the supervised trainer and the continual SB3 agents.
 
 A strategy never knows whether it protects a classifier or a policy. The host hands it a
-:class:`Host` adapter and calls the hooks of :class:`Strategy` in the order DESIGN.md fixes:
+:class:`Host` adapter and calls the hooks of :class:`Strategy` in this order
+(docs/ARCHITECTURE.md, "Host/strategy contract"):
 
 ``on_task_start`` -> per update: ``penalty`` (added to the loss), backward,
 ``before_optimizer_step`` (edits ``.grad``), optimiser step, ``after_optimizer_step`` ->

@@ -1,8 +1,9 @@
 """Elastic Weight Consolidation (Kirkpatrick et al. 2017) and online EWC (Schwarz et al. 2018).
 
-Penalty: λ Σ_t Σ_i F_t,i (θ_i − θ*_t,i)², with NO 1/2 factor (DESIGN.md; the paper writes
-λ/2, so λ here equals the paper's λ/2). F is the diagonal Fisher of the host's output
-distribution on the finished task's data (:func:`crl.strategies.importance.fisher_diagonal`).
+Penalty: λ Σ_t Σ_i F_t,i (θ_i − θ*_t,i)², with NO 1/2 factor (docs/ARCHITECTURE.md,
+"Host/strategy contract"; the paper writes λ/2, so λ here equals the paper's λ/2). F is the
+diagonal Fisher of the host's output distribution on the finished task's data
+(:func:`crl.strategies.importance.fisher_diagonal`).
 
 - ``mode="separate"``: one (F_t, θ*_t) per finished task, all kept.
 - ``mode="online"``: F ← γ F + F_new and a single anchor θ* (the latest parameters).

@@ -2,7 +2,8 @@
 that EWC and MAS share.
 
 Penalty convention (all three methods): λ Σ_i w_i (θ_i − θ*_i)², with NO 1/2 factor
-(DESIGN.md), so its gradient is 2 λ w (θ − θ*). L2 is the case w = 1.
+(docs/ARCHITECTURE.md, "Host/strategy contract"), so its gradient is 2 λ w (θ − θ*). L2 is
+the case w = 1.
 """
 
 from __future__ import annotations

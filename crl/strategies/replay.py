@@ -6,10 +6,11 @@
   ``lam * host.loss(memory batch)``. With ``lam = 1`` and equal batch sizes this is the same
   gradient as mixing the memory batch into the training batch (up to the weighting of the two
   halves), without the host having to know about the memory.
-* ``mode="distill"`` — policy distillation, the replay of on-policy PPO (DESIGN.md): PPO cannot
-  learn from old transitions, so the memory stores states of earlier tasks together with the
-  old model's output distribution on them (logits for categorical outputs, loc/scale for
-  Gaussian ones), and every update adds ``lam * KL(old || new)`` averaged over a memory batch.
+* ``mode="distill"`` — policy distillation, the replay of on-policy PPO
+  (docs/ARCHITECTURE.md, "RL conventions"): PPO cannot learn from old transitions, so the
+  memory stores states of earlier tasks together with the old model's output distribution on
+  them (logits for categorical outputs, loc/scale for Gaussian ones), and every update adds
+  ``lam * KL(old || new)`` averaged over a memory batch.
   On a classifier this is logit distillation in the manner of dark experience replay
   (Buzzega et al. 2020), with a KL instead of an MSE on logits.
 * ``mode="buffer"`` — Continual World's "perfect memory" for SAC: the agent keeps its training

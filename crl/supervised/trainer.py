@@ -1,8 +1,9 @@
 """Runs any strategy through the contract on a supervised benchmark, and the joint upper bound.
 
 The trainer is the supervised *host*: it adapts a classifier to :class:`crl.strategies.Host`
-and calls the hooks in DESIGN.md's order. After every task it evaluates every task, which
-fills the accuracy matrix R[i][j] (after task i, on task j) that the metrics read.
+and calls the hooks in the order of docs/ARCHITECTURE.md, "Host/strategy contract". After
+every task it evaluates every task, which fills the accuracy matrix R[i][j] (after task i, on
+task j) that the metrics read.
 
 Checkpoints: the trainer hands a payload of plain tensors and numbers (model, optimiser,
 strategy state, shuffling generator, global RNGs, accuracy rows, position) to a callback at
@@ -195,7 +196,8 @@ def _train_step(
     host: ClassifierHost, strategy: Strategy, optimizer: torch.optim.Optimizer, batch: Batch,
     task: int, update: int,
 ) -> dict[str, float]:
-    """One update with the hooks in DESIGN.md's order; returns the row to log."""
+    """One update with the hooks in the contract's order (docs/ARCHITECTURE.md,
+    "Host/strategy contract"); returns the row to log."""
     optimizer.zero_grad(set_to_none=True)
     loss = host.loss(batch)
     penalty = strategy.penalty()
