@@ -454,20 +454,16 @@ def summarize(
         "performance_auc": float(P.mean()),
         "auc": [auc(history, i) for i in range(history.n_tasks)],
     }
-    F = forgetting_from_history(history, k=k)
-    out["forgetting"] = F.tolist()
-    if F.size:
-        out["mean_forgetting"] = float(F.mean())
-    else:
-        out["mean_forgetting"] = float("nan")
-        out["mean_forgetting_reason"] = "a single task cannot be forgotten"
-    G = new_task_gain_from_history(history, k=k)
-    out["new_task_gain"] = G.tolist()
-    if G.size:
-        out["mean_new_task_gain"] = float(G.mean())
-    else:
-        out["mean_new_task_gain"] = float("nan")
-        out["mean_new_task_gain_reason"] = "a single task has no later task to learn"
+    for key, values, why in (
+        ("forgetting", forgetting_from_history(history, k=k),
+         "a single task cannot be forgotten"),
+        ("new_task_gain", new_task_gain_from_history(history, k=k),
+         "a single task has no later task to learn"),
+    ):
+        out[key] = values.tolist()
+        out[f"mean_{key}"] = float(values.mean()) if values.size else float("nan")
+        if not values.size:
+            out[f"mean_{key}_reason"] = why
     if references is None:
         out["forward_transfer"] = None
         out["mean_forward_transfer"] = float("nan")
