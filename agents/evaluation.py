@@ -497,9 +497,11 @@ class ScoreNormalizer:
     basis: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": list(self.kind), "low": self.low.tolist(), "high": self.high.tolist(),
-                "missing": {self.task_names[t]: why for t, why in self.missing.items()},
-                "basis": list(self.basis)}
+        out = {"kind": list(self.kind), "low": self.low.tolist(), "high": self.high.tolist(),
+               "missing": {self.task_names[t]: why for t, why in self.missing.items()}}
+        if self.basis:  # absent in runs recorded before it existed: they still resume
+            out["basis"] = list(self.basis)
+        return out
 
 
 def build_normalizer(

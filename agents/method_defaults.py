@@ -52,6 +52,9 @@ RL_METHOD_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
         "l2": {"lam": 1e5},
         "ewc": {"lam": 1e4},
         "mas": {"lam": 1e4},
+        # CW's "perfect memory": the replay buffer becomes a reservoir over the whole
+        # sequence, never reset (its size is --buffer-size)
+        "replay": {"mode": "buffer"},
     },
 }
 

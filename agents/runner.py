@@ -716,7 +716,8 @@ def _normalizer_from(bounds: Mapping[str, Any], sequence: TaskSequence,
                for name, why in (bounds.get("missing") or {}).items()}
     return ScoreNormalizer(sequence.task_names, list(bounds["kind"]), array(bounds["low"]),
                            array(bounds["high"]), missing,
-                           f"create the reference runs with `{hint}`")
+                           f"create the reference runs with `{hint}`",
+                           list(bounds.get("basis") or []))
 
 
 def _plan(config: RunConfig, bounds: Mapping[str, Any] | None = None) -> _Plan:

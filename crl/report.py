@@ -229,7 +229,7 @@ def setting_of(run: RunData) -> str:
 
 def _option_defaults(run: RunData) -> dict[str, Any]:
     """Defaults the run's method options are compared with: the constructor's, overridden
-    for supervised runs by the supervised defaults (what a run without the option got)."""
+    by the supervised or per-agent RL defaults (what a run without the option got)."""
     from crl.strategies import strategy_class
 
     try:
@@ -242,6 +242,10 @@ def _option_defaults(run: RunData) -> dict[str, Any]:
         from crl.supervised.experiment import SUPERVISED_METHOD_DEFAULTS
 
         defaults |= SUPERVISED_METHOD_DEFAULTS.get(run.method, {})
+    else:  # what `crl train` gives the method when the user sets nothing, per agent
+        from agents.method_defaults import RL_METHOD_DEFAULTS
+
+        defaults |= RL_METHOD_DEFAULTS.get(str(run.config.get("agent")), {}).get(run.method, {})
     return defaults
 
 

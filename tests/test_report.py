@@ -117,7 +117,7 @@ def rl_runs(tmp_path: Path) -> Path:
         scores = [[0.0, 0.0], [0.5, 0.1], [0.8 + s / 4, 0.1], [0.4, 0.6], [0.3 + s, 0.9]]
         write_rl_run(root / "Seq-sac", f"ewc-seed{seed}", method="ewc", seed=seed,
                      perf=EWC_PERF[seed], forgetting=EWC_FORGETTING[seed], ft=EWC_FT[seed],
-                     scores=scores, method_options={"ewc": {"lam": 1.0}})
+                     scores=scores, method_options={"ewc": {"lam": 10000.0}})
         write_rl_run(root / "Seq-sac", f"finetune-seed{seed}", method="finetune", seed=seed,
                      perf=0.4 + 0.01 * seed, forgetting=0.8 - 0.1 * seed, ft=None,
                      scores=[[0.1, 0.0]] * 2 + [[1.0, 0.0], [0.2, 0.5], [0.0, 1.0]])
@@ -127,7 +127,8 @@ def rl_runs(tmp_path: Path) -> Path:
 # --------------------------------------------------------------------------------------------
 def test_rl_means_and_intervals_equal_scipy_and_files(rl_runs: Path, tmp_path: Path) -> None:
     res = report([rl_runs], tmp_path / "out", console=quiet(), plots=False)
-    assert [r.method for r in res.rows] == ["finetune", "ewc"]  # lam=1.0 is EWC's default
+    # lam=1e4 is what `crl train` gives SAC's EWC when the user sets nothing: no label
+    assert [r.method for r in res.rows] == ["finetune", "ewc"]
     ewc = res.rows[1]
     assert ewc.seeds == [0, 1, 2] and len(ewc.runs) == 3
     for name, values, mean in (("forgetting", EWC_FORGETTING, 0.3),
@@ -242,7 +243,7 @@ def test_method_options_and_other_settings_split_groups(tmp_path: Path) -> None:
     write_rl_run(root, "b", method="ewc", seed=1, perf=0.6, forgetting=0.2, ft=0.0,
                  method_options={"ewc": {"lam": 100, "mode": "online"}, "l2": {"lam": 5}})
     write_rl_run(root, "c", method="ewc", seed=1, perf=0.6, forgetting=0.2, ft=0.0,
-                 method_options={"ewc": {"lam": 1.0}}, agent="ppo")
+                 method_options={"ewc": {"lam": 1000.0}}, agent="ppo")  # PPO's default
     c = yaml.safe_load((root / "a" / "config.yaml").read_text())
     c["agent_options"]["multi_head"] = False
     (root / "a" / "config.yaml").write_text(yaml.safe_dump(c))
@@ -536,3 +537,18 @@ def test_end_to_end_two_real_runs_through_the_cli(tiny_mnist_dir: Path, tmp_path
     assert len(pngs) == 3
     for p in pngs:
         assert_real_png(p)
+
+
+def test_rl_labels_compare_with_the_agents_defaults(tmp_path: Path) -> None:
+    """An RL run given the strength `crl train` uses anyway is the same method as one given
+    nothing; the constructor's 1.0 is not PPO's default, so it is labelled."""
+    root = tmp_path / "r"
+    write_rl_run(root, "given", method="ewc", seed=0, perf=0.5, forgetting=0.1, ft=0.0,
+                 method_options={"ewc": {"lam": 1000.0}}, agent="ppo")
+    write_rl_run(root, "none", method="ewc", seed=1, perf=0.7, forgetting=0.1, ft=0.0,
+                 agent="ppo")
+    write_rl_run(root, "one", method="ewc", seed=0, perf=0.2, forgetting=0.1, ft=0.0,
+                 method_options={"ewc": {"lam": 1.0}}, agent="ppo")
+    res = report([root], tmp_path / "out", console=quiet(), plots=False)
+    assert sorted((r.method, len(r.runs)) for r in res.rows) == [("ewc", 2),
+                                                                 ("ewc (lam=1.0)", 1)]
