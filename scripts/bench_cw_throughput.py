@@ -46,11 +46,8 @@ def main() -> None:
                             eval_every=a.steps, eval_episodes=1, random_episodes=1,
                             net_arch=(256, 256, 256, 256), run_dir=tmp, wandb="disabled",
                             progress=False, save_model=False, torch_threads=1,
-                            agent_options={"exploration_steps": a.exploration,
-                                           "sb3_kwargs": {"tau": 0.005, "train_freq": 50,
-                                                          "gradient_steps": 50},
-                                           "learning_rate": 1e-3, "batch_size": 128,
-                                           "buffer_size": 100_000, "gamma": 0.99})
+                            agent_options={**CW_OPTIONS, "buffer_size": 100_000,
+                                           "exploration_steps": a.exploration})
             t0 = time.perf_counter()
             res = train(cfg)
             wall = time.perf_counter() - t0
