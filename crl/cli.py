@@ -221,7 +221,21 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
-@click.group()
+class _Commands(click.Group):
+    """Every command's file-system errors (a path under a regular file, a read-only file
+    system, a full disk) become one message naming the path and the fix, in this one place."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (OSError, RuntimeError) as exc:
+            message = filesystem_message(exc)
+            if message is None:
+                raise
+            raise click.ClickException(message) from exc
+
+
+@click.group(cls=_Commands)
 @click.version_option(package_name="crl")
 def main() -> None:
     """crl: continual learning for RL agents and supervised benchmarks."""
@@ -366,20 +380,20 @@ def filesystem_message(exc: BaseException) -> str | None:
     text = " ".join(str(e) for e in chain).lower()
     if os_error is None and ("enforce fail" in text or "no space" in text):
         return ("cannot write a file: the disk is full (no space left on device); free space "
-                "or choose another --run-dir (the last good checkpoint is kept)")
+                "or choose another folder (a run's last good checkpoint is kept)")
     if os_error is None:
         return None
     path = os_error.filename or "a file"
     fixes = {
         errno.ENOTDIR: "a part of that path is a regular file, not a folder; choose another "
-                       "--run-dir / --run-path",
-        errno.EACCES: "no permission to write there; choose a --run-dir you can write to",
-        errno.EPERM: "no permission to write there; choose a --run-dir you can write to",
-        errno.EROFS: "the file system is read-only; choose a writable --run-dir",
-        errno.ENOSPC: "the disk is full; free space or choose another --run-dir (the last "
+                       "folder (--run-dir, --run-path, --out)",
+        errno.EACCES: "no permission to write there; choose a folder you can write to",
+        errno.EPERM: "no permission to write there; choose a folder you can write to",
+        errno.EROFS: "the file system is read-only; choose a writable folder",
+        errno.ENOSPC: "the disk is full; free space or choose another folder (a run's last "
                       "good checkpoint is kept)",
-        errno.EDQUOT: "the disk quota is used up; free space or choose another --run-dir",
-        errno.EEXIST: "it exists already; choose another --run-path",
+        errno.EDQUOT: "the disk quota is used up; free space or choose another folder",
+        errno.EEXIST: "it exists already; choose another path",
         errno.EISDIR: "it is a folder where a file is expected; remove it or choose another "
                       "path",
     }
