@@ -437,8 +437,8 @@ def random_returns(
 # Normalisation
 # --------------------------------------------------------------------------------------------
 def is_success_task(task: TaskSpec) -> bool:
-    """Meta-World tasks are scored by success rate (CW), every other task by return."""
-    return task.extra == "metaworld"
+    """Scored by success rate (a field of the task: Meta-World's tasks), else by return."""
+    return task.score_kind == "success"
 
 
 @dataclass

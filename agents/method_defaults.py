@@ -6,7 +6,7 @@ The strategy constructors' own defaults were chosen for the supervised benchmark
 the RL strengths live here, per agent.
 
 Penalty convention everywhere: ``lam * sum_i w_i (theta_i - theta*_i)^2`` with no 1/2
-(``crl.strategies.l2``), added to the actor loss, which is a mean over the batch.
+(``crl.strategies.anchored``), added to the actor loss, which is a mean over the batch.
 
 - SAC: Continual World's values (Wołczyk et al. 2021, "Continual World: A Robotic Benchmark
   For Continual Reinforcement Learning"; ``cl_reg_coef`` in the CW repository's

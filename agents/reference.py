@@ -30,7 +30,7 @@ from agents.evaluation import CACHE_ROOT, ScoreNormalizer, json_ready, task_key,
 from crl.metrics import EvalHistory
 
 if TYPE_CHECKING:
-    from agents.runner import RunConfig
+    from agents.config import RunConfig
     from envs.sequence import TaskSequence
 
 FORMAT_VERSION = 1
@@ -136,7 +136,7 @@ def load_references(config: RunConfig, sequence: TaskSequence, *, required: bool
         else:
             missing.append(t)
     if missing and required:
-        from agents.runner import reference_command
+        from agents.config import reference_command
 
         names = [sequence.task_names[t] for t in missing]
         raise MissingReferenceError(
@@ -151,7 +151,8 @@ def run_reference(config: RunConfig, sequence: TaskSequence, task: int, *,
                   force: bool = False) -> ReferenceRun:
     """Train the reference run of one task (or load it from the cache) and cache it."""
     from agents.evaluation import BatchedEvaluator
-    from agents.runner import EvalRecord, Stage, _train_stages, make_agent
+    from agents.factory import make_agent
+    from agents.training import EvalRecord, Stage, train_stages
 
     path = reference_path(config, sequence, task)
     if path.is_file() and not force:
@@ -165,7 +166,7 @@ def run_reference(config: RunConfig, sequence: TaskSequence, task: int, *,
     t0 = time.perf_counter()
     with BatchedEvaluator(sequence, config.eval_episodes, tasks=[task],
                           max_steps=config.eval_max_steps) as evaluator:
-        _train_stages(agent, [Stage(task, sequence.task_budget(task))], evaluator, normalizer,
+        train_stages(agent, [Stage(task, sequence.task_budget(task))], evaluator, normalizer,
                       record, eval_every=config.eval_every, log=lambda row, step: None,
                       task_names=sequence.task_names, progress=config.progress,
                       desc=f"reference {config.agent} on {name}")

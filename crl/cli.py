@@ -648,7 +648,7 @@ def _run_config(flat: dict[str, Any]) -> Any:
     """The RunConfig of resolved options; bad values raise ValueError naming the option."""
     import json
 
-    from agents.runner import RunConfig
+    from agents.config import RunConfig
 
     kwargs = {k: flat[k] for k in RUN_CONFIG_DESTS if k in flat}
     if "torch_threads" in kwargs and kwargs["torch_threads"] == 0:
@@ -676,7 +676,7 @@ def _run_config(flat: dict[str, Any]) -> Any:
 
 def _rl_errors() -> tuple[type[BaseException], ...]:
     from agents.reference import MissingReferenceError
-    from envs.spec import EnvConfigError, MissingExtraError
+    from envs.errors import EnvConfigError, MissingExtraError
 
     return (ValueError, FileNotFoundError, EnvConfigError, MissingExtraError,
             MissingReferenceError)
@@ -808,11 +808,12 @@ def _print_train_result(result: Any) -> None:
 
 def _reference(force: bool = False, **params: Any) -> None:
     with _rl_usage_errors():
+        from agents.config import resolve_sequence
+        from agents.factory import check_agent_fits, check_agent_options
         from agents.reference import run_references
-        from agents.runner import check_agent_fits, check_agent_options, load_sequence
 
         config = _run_config(_resolve(params))
-        sequence = load_sequence(config)
+        sequence = resolve_sequence(config)
         check_agent_fits(config, sequence)
         check_agent_options(config)
         refs = run_references(config, sequence, force=force)
@@ -850,6 +851,16 @@ main.add_command(
 # --------------------------------------------------------------------------------------------
 # crl sweep (crl/sweep.py): a grid of train/supervised runs on Ray
 # --------------------------------------------------------------------------------------------
+def command_options(command: str) -> Any:
+    """What `crl sweep` checks a grid with: the options of `crl <command>`, read off the click
+    command itself (never a copy), and the command's own check of a run's config."""
+    from crl.sweep import CommandOptions
+
+    cmd = main.commands[command]
+    params = {p.name: p for p in cmd.params if p.name}
+    return CommandOptions(params, lambda flat: check_sweep_run(command, flat))
+
+
 def check_sweep_run(command: str, flat: dict[str, Any]) -> None:
     """Build one sweep run's config the way the command itself would, strategy included, so
     a bad grid point fails before the sweep starts anything (raises with the command's
@@ -866,11 +877,12 @@ def check_sweep_run(command: str, flat: dict[str, Any]) -> None:
         if cfg.method != JOINT:
             make_strategy(cfg.method, **method_options_for(cfg, cfg.tasks or 2))
         return
+    from agents.config import resolve_sequence
     from agents.continual import build_strategy
-    from agents.runner import check_agent_fits, check_agent_options, load_sequence
+    from agents.factory import check_agent_fits, check_agent_options
 
     config = _run_config(flat)
-    sequence = load_sequence(config)
+    sequence = resolve_sequence(config)
     check_agent_fits(config, sequence)
     check_agent_options(config)
     build_strategy(config.method, config.method_options.get(config.method),
@@ -909,7 +921,7 @@ def sweep_command(config_file: str, address: str | None, num_cpus: int | None,
     from crl.sweep import SweepConfigError, SweepError, load_sweep, print_dry_run, run_sweep
 
     try:
-        config = load_sweep(config_file)
+        config = load_sweep(config_file, options_for=command_options)
     except SweepConfigError as exc:
         raise click.UsageError(str(exc)) from exc
     missing = (f"`crl {config.command}` has no --run-path option in this version; the sweep "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import types
 import typing
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,19 +99,24 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def flatten_config(data: dict[str, Any], known: set[str]) -> dict[str, Any]:
-    """YAML keys to option dests: dashes → underscores, ``{ewc: {lam: 1}}`` → ``ewc_lam``.
-
-    Unknown keys raise with the list of valid ones, so a typo never silently does nothing.
-    """
+def flatten_keys(data: Mapping[str, Any], methods: Iterable[str] = METHODS) -> dict[str, Any]:
+    """YAML keys to option dests: dashes → underscores, ``{ewc: {lam: 1}}`` → ``ewc_lam``."""
+    methods = set(methods)
     flat: dict[str, Any] = {}
     for key, value in data.items():
-        dest = str(key).replace("-", "_")
-        if isinstance(value, dict) and dest in METHODS:
+        dest = str(key).strip().replace("-", "_")
+        if isinstance(value, dict) and dest in methods:
             for sub, v in value.items():
-                flat[f"{dest}_{str(sub).replace('-', '_')}"] = v
+                flat[f"{dest}_{str(sub).strip().replace('-', '_')}"] = v
         else:
             flat[dest] = value
+    return flat
+
+
+def flatten_config(data: dict[str, Any], known: set[str]) -> dict[str, Any]:
+    """:func:`flatten_keys`, and unknown keys raise with the list of valid ones, so a typo
+    never silently does nothing."""
+    flat = flatten_keys(data)
     unknown = sorted(set(flat) - known)
     if unknown:
         valid = ", ".join(sorted(k.replace("_", "-") for k in known))

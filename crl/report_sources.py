@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,13 +19,10 @@ from typing import Any, TypeVar
 import numpy as np
 import yaml
 
+from crl.metric_keys import EVAL_PREFIX, RL_SCORE, SL_ACC_PREFIX, parse_rl_task_key
+
 RL = "rl"
 SUPERVISED = "supervised"
-
-#: metric-row keys that carry evaluations (everything else in metrics.jsonl is training noise)
-_RL_SCORE_KEY = re.compile(r"^eval/(\d+)-(.+)/score$")
-_SL_ACC_PREFIX = "eval/acc/"
-
 
 class ReportError(ValueError):
     """Bad input to `crl report`; the message names the problem and the fix."""
@@ -72,7 +68,7 @@ class RunData:
 
 
 def _is_eval_row(row: Mapping[str, Any]) -> bool:
-    return any(k.startswith("eval/") for k in row) or "stage" in row
+    return any(k.startswith(EVAL_PREFIX) for k in row) or "stage" in row
 
 
 def _read_eval_rows(path: Path) -> list[dict[str, Any]]:
@@ -375,9 +371,10 @@ def rl_curves(run: RunData) -> RLCurves | None:
         by_step: dict[int, dict[int, float]] = {}
         for row in run.rows:
             for key, value in row.items():
-                m = _RL_SCORE_KEY.match(str(key))
-                if m and row.get("step") is not None and value is not None:
-                    by_step.setdefault(int(row["step"]), {})[int(m.group(1))] = float(value)
+                parsed = parse_rl_task_key(str(key))
+                if parsed and parsed[2] == RL_SCORE and row.get("step") is not None and (
+                        value is not None):
+                    by_step.setdefault(int(row["step"]), {})[parsed[0]] = float(value)
         if not by_step:
             return None
         steps = np.array(sorted(by_step), dtype=np.int64)
@@ -394,11 +391,11 @@ def sl_matrix(run: RunData) -> tuple[np.ndarray, list[str]] | None:
     results.json, else rebuilt from the end-of-task evaluation rows (W&B history). None for
     runs without a sequence (joint training)."""
     rows = [r for r in run.rows if "task" in r and any(
-        str(k).startswith(_SL_ACC_PREFIX) for k in r)]
+        str(k).startswith(SL_ACC_PREFIX) for k in r)]
     names: list[str] = []
     if rows:
-        names = [str(k)[len(_SL_ACC_PREFIX):] for k in rows[0] if
-                 str(k).startswith(_SL_ACC_PREFIX)]
+        names = [str(k)[len(SL_ACC_PREFIX):] for k in rows[0] if
+                 str(k).startswith(SL_ACC_PREFIX)]
     matrix = run.results.get("accuracy_matrix")
     if matrix is not None:
         R = np.array([_floats(r) for r in matrix], dtype=float)
@@ -408,7 +405,7 @@ def sl_matrix(run: RunData) -> tuple[np.ndarray, list[str]] | None:
         for r in rows:
             i = int(r["task"])
             if 0 <= i < T:
-                R[i] = _floats(r.get(_SL_ACC_PREFIX + n) for n in names)
+                R[i] = _floats(r.get(SL_ACC_PREFIX + n) for n in names)
     else:
         return None
     if R.ndim != 2 or R.shape[0] != R.shape[1] or R.shape[0] < 2:

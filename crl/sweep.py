@@ -41,12 +41,14 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from crl.config import flatten_keys
 
 COMMANDS = ("train", "supervised")
 #: Top-level keys of a sweep file.
@@ -143,31 +145,13 @@ class CommandOptions:
         return set(self.params) - {"config_file"}
 
 
-def command_options(command: str) -> CommandOptions:
-    """The options of `crl <command>`, read off the click command itself (never a copy)."""
-    from crl import cli  # lazy: cli imports this module lazily too
-
-    cmd = cli.main.commands[command]
-    params = {p.name: p for p in cmd.params if p.name}
-    return CommandOptions(params, lambda flat: cli.check_sweep_run(command, flat))
+#: ``command -> CommandOptions``: given by the command-line layer (``crl.cli.command_options``,
+#: read off the click commands themselves), so that this module never imports it back
+OptionsFor = Callable[[str], CommandOptions]
 
 
 def _dest(key: Any) -> str:
     return str(key).strip().replace("-", "_")
-
-
-def _flatten(mapping: Mapping[str, Any], methods: Iterable[str]) -> dict[str, Any]:
-    """YAML keys to dests as the commands read them (``ewc: {lam: 1}`` -> ``ewc_lam``)."""
-    methods = set(methods)
-    flat: dict[str, Any] = {}
-    for key, value in mapping.items():
-        dest = _dest(key)
-        if isinstance(value, dict) and dest in methods:
-            for sub, v in value.items():
-                flat[f"{dest}_{_dest(sub)}"] = v
-        else:
-            flat[dest] = value
-    return flat
 
 
 def _is_number(v: Any) -> bool:
@@ -179,10 +163,12 @@ class _Problems(list):
         self.append(f"{where}: {message}" if where else message)
 
 
-def load_sweep(path: str | Path, *, options: CommandOptions | None = None) -> SweepConfig:
+def load_sweep(path: str | Path, *, options_for: OptionsFor | None = None,
+               options: CommandOptions | None = None) -> SweepConfig:
     """Read and check a sweep file; every problem is listed in one :class:`SweepConfigError`.
 
-    ``options`` defaults to the installed command's (tests may pass their own).
+    The file is checked through its command's own options: ``options_for`` gives them
+    (``crl.cli.command_options``), or ``options`` directly (tests pass their own).
     """
     path = Path(path)
     if not path.is_file():
@@ -194,10 +180,11 @@ def load_sweep(path: str | Path, *, options: CommandOptions | None = None) -> Sw
     if not isinstance(data, dict):
         raise SweepConfigError(f"sweep file {path} must hold a mapping (name, command, base, "
                                f"grid, ...), not {type(data).__name__}")
-    return parse_sweep(data, source=path, options=options)
+    return parse_sweep(data, source=path, options_for=options_for, options=options)
 
 
 def parse_sweep(data: Mapping[str, Any], *, source: Path | None = None,
+                options_for: OptionsFor | None = None,
                 options: CommandOptions | None = None) -> SweepConfig:
     """Check a sweep mapping (see :func:`load_sweep`)."""
     from crl.strategies import METHODS
@@ -268,7 +255,11 @@ def parse_sweep(data: Mapping[str, Any], *, source: Path | None = None,
 
     if command not in COMMANDS:
         raise SweepConfigError(_message(where_file, problems))
-    options = options or command_options(command)
+    if options is None:
+        if options_for is None:
+            raise TypeError("parse_sweep needs the command's options: pass "
+                            "options_for=crl.cli.command_options")
+        options = options_for(command)
     methods = list(METHODS)
     flat_base = _check_options("base", base, command, options, methods, problems)
     flat_grid: dict[str, list[Any]] = {}
@@ -343,7 +334,7 @@ def _check_options(where: str, mapping: Mapping[str, Any], command: str,
 
     known = options.dests
     out: dict[str, Any] = {}
-    for dest, value in _flatten(mapping, methods).items():
+    for dest, value in flatten_keys(mapping, methods).items():
         at = f"{where}.{dest}" if "[" not in where else where
         if dest in RESERVED_OPTIONS:
             problems.add(at, f"cannot be set in a sweep: {RESERVED_OPTIONS[dest]}")

@@ -4,6 +4,7 @@
 """
 
 from envs.continual import ContinualEnv, TaskIdWrapper, make_task_env
+from envs.errors import EnvConfigError, MissingExtraError, SpaceMismatchError
 from envs.registry import (
     SEQUENCES,
     describe_sequences,
@@ -14,8 +15,8 @@ from envs.registry import (
     sequence_rows,
 )
 from envs.sequence import TaskSequence
-from envs.spaces import SpaceMismatchError, unify_spaces
-from envs.spec import EnvConfigError, MissingExtraError, TaskSpec, WrapperSpec
+from envs.spaces import unify_spaces
+from envs.spec import TaskSpec, WrapperSpec
 from envs.yaml_io import load_sequence, sequence_from_dict
 
 register_sequences()

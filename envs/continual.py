@@ -30,15 +30,17 @@ buffer and one copy out).
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from envs.sequence import TaskSequence
+from envs.errors import EnvConfigError
 from envs.spaces import UnifiedSpaces, adapt_task_env, unify_spaces
-from envs.spec import EnvConfigError
+
+if TYPE_CHECKING:  # the sequence builds its envs through this module, not the other way
+    from envs.sequence import TaskSequence
 
 _NONE, _FLAT, _DICT = 0, 1, 2  # how the task id joins the observation
 
@@ -115,7 +117,7 @@ class ContinualEnv(gym.Env):
         append_task_id: bool = False,
         render_mode: str | None = None,
     ):
-        if not isinstance(sequence, TaskSequence):
+        if type(sequence).__name__ != "TaskSequence" or not hasattr(sequence, "schedule"):
             raise EnvConfigError(f"ContinualEnv needs a TaskSequence, got {type(sequence)}.")
         if switch_mode not in SWITCH_MODES:
             raise EnvConfigError(

@@ -25,8 +25,9 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
+from envs.errors import EnvConfigError
 from envs.sequence import TaskSequence
-from envs.spec import EnvConfigError, TaskSpec
+from envs.spec import TaskSpec
 
 ENV_ID = "crl/MetaWorld-v0"
 CW_HORIZON = 200
@@ -117,6 +118,7 @@ def metaworld_task(env_name: str, horizon: int = CW_HORIZON, name: str | None = 
         name=name or env_name.removesuffix("-v3"),
         requires=("metaworld", "envs.metaworld"),
         extra="metaworld",
+        score_kind="success",
     )
 
 

@@ -33,8 +33,9 @@ import gymnasium as gym
 import numpy as np
 from gymnasium.envs.registration import load_env_creator
 
+from envs.errors import EnvConfigError
 from envs.sequence import TaskSequence
-from envs.spec import EnvConfigError, TaskSpec, WrapperSpec
+from envs.spec import TaskSpec, WrapperSpec
 
 MORPH_ENV_ID = "crl/MujocoMorph-v0"
 _REQUIRES = ("mujoco",)
@@ -146,49 +147,6 @@ def register_morph_env() -> None:
 
 
 register_morph_env()  # importing this module (a task's ``requires``) registers the id
-
-
-# -- gravity and masses: the compiled model --------------------------------------------------
-
-
-class MujocoPhysics(gym.Wrapper, gym.utils.RecordConstructorArgs):
-    """Change gravity and body masses of a MuJoCo env's model once, in the constructor."""
-
-    def __init__(
-        self,
-        env: gym.Env,
-        gravity: float | None = None,
-        mass_scale: float | Mapping[str, float] | None = None,
-    ):
-        gym.utils.RecordConstructorArgs.__init__(self, gravity=gravity, mass_scale=mass_scale)
-        gym.Wrapper.__init__(self, env)
-        model = getattr(env.unwrapped, "model", None)
-        if model is None or not hasattr(model, "body_mass"):
-            raise EnvConfigError(f"mujoco_physics needs a MuJoCo env, got {env.unwrapped}.")
-        if gravity is not None:
-            if not gravity >= 0:
-                raise EnvConfigError(f"mujoco_physics: gravity must be >= 0, got {gravity}.")
-            model.opt.gravity[:] = (0.0, 0.0, -float(gravity))
-        if mass_scale is not None:
-            import mujoco
-
-            if isinstance(mass_scale, Mapping):
-                ids = {}
-                for name, factor in mass_scale.items():
-                    body_id = mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_BODY, name)
-                    if body_id < 0:
-                        names = [model.body(i).name for i in range(model.nbody)]
-                        raise EnvConfigError(
-                            f"mujoco_physics: unknown body {name!r}; bodies: {', '.join(names)}."
-                        )
-                    ids[body_id] = float(factor)
-            else:
-                ids = {i: float(mass_scale) for i in range(1, model.nbody)}  # 0 is the world
-            for body_id, factor in ids.items():
-                if not factor > 0:
-                    raise EnvConfigError(f"mujoco_physics: mass scales must be > 0, got {factor}.")
-                model.body_mass[body_id] *= factor
-                model.body_inertia[body_id] *= factor
 
 
 # -- tasks and sequences ---------------------------------------------------------------------

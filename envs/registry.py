@@ -18,8 +18,8 @@ import gymnasium as gym
 
 from envs import atari, classic, metaworld, mixed, mujoco
 from envs.continual import ContinualEnv, SwitchMode
+from envs.errors import EnvConfigError
 from envs.sequence import TaskSequence
-from envs.spec import EnvConfigError
 
 NAMESPACE = "crl"
 VERSION = 0

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from envs.spec import EnvConfigError, TaskSpec
+from envs.errors import EnvConfigError
+from envs.spec import TaskSpec
 
 if TYPE_CHECKING:
     import gymnasium as gym

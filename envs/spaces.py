@@ -34,12 +34,8 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from envs.spec import EnvConfigError
+from envs.errors import SpaceMismatchError
 from envs.wrappers import PadObservation, box_as_dtype, cast_observation, pad_actions
-
-
-class SpaceMismatchError(EnvConfigError):
-    """The tasks of a sequence do not share one observation or action space."""
 
 
 @dataclass(frozen=True)

@@ -20,14 +20,9 @@ from typing import Any
 
 import gymnasium as gym
 
+from envs.errors import EnvConfigError, MissingExtraError
 
-class EnvConfigError(ValueError):
-    """A task or sequence is configured wrongly; the message names the problem and the fix."""
-
-
-class MissingExtraError(ImportError):
-    """A task needs an optional dependency group (``pip install "crl[<extra>]"``)."""
-
+SCORE_KINDS = ("return", "success")
 
 WrapperTarget = str | Callable[..., gym.Env]
 
@@ -142,6 +137,9 @@ class TaskSpec:
     extra: str | None = None
     #: where configured bounds come from, said beside the scores (e.g. "human-normalised")
     score_basis: str = ""
+    #: how the task is scored: "return" (normalised between low and high) or "success"
+    #: (the success rate of ``info["success"]``, Meta-World's as in Continual World)
+    score_kind: str = "return"
 
     def __post_init__(self) -> None:
         if not isinstance(self.env_id, str) or not self.env_id:
@@ -155,6 +153,11 @@ class TaskSpec:
         object.__setattr__(self, "kwargs", dict(self.kwargs))
         object.__setattr__(self, "wrappers", tuple(_as_wrapper(w) for w in self.wrappers))
         object.__setattr__(self, "requires", tuple(self.requires))
+        if self.score_kind not in SCORE_KINDS:
+            raise EnvConfigError(
+                f"TaskSpec {self.env_id!r}: score_kind must be one of {SCORE_KINDS}, got "
+                f"{self.score_kind!r}."
+            )
         if not self.name:
             object.__setattr__(self, "name", self.env_id)
         for bound_name in ("low", "high"):

@@ -15,7 +15,7 @@ All are module-level functions or classes so that task specs that name them pick
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -24,7 +24,7 @@ import numpy as np
 from gymnasium import spaces
 from gymnasium.wrappers import TransformAction, TransformObservation
 
-from envs.spec import EnvConfigError
+from envs.errors import EnvConfigError
 
 # -- actions ---------------------------------------------------------------------------------
 
@@ -352,10 +352,47 @@ class PendulumPhysics(gym.Wrapper, gym.utils.RecordConstructorArgs):
             setattr(u, key, float(value))
 
 
-def _mujoco_physics(env: gym.Env, **kwargs: Any) -> gym.Env:
-    from envs.mujoco import MujocoPhysics
+# -- MuJoCo gravity and masses: the compiled model----------------------------------------------
 
-    return MujocoPhysics(env, **kwargs)
+
+class MujocoPhysics(gym.Wrapper, gym.utils.RecordConstructorArgs):
+    """Change gravity and body masses of a MuJoCo env's model once, in the constructor."""
+
+    def __init__(
+        self,
+        env: gym.Env,
+        gravity: float | None = None,
+        mass_scale: float | Mapping[str, float] | None = None,
+    ):
+        gym.utils.RecordConstructorArgs.__init__(self, gravity=gravity, mass_scale=mass_scale)
+        gym.Wrapper.__init__(self, env)
+        model = getattr(env.unwrapped, "model", None)
+        if model is None or not hasattr(model, "body_mass"):
+            raise EnvConfigError(f"mujoco_physics needs a MuJoCo env, got {env.unwrapped}.")
+        if gravity is not None:
+            if not gravity >= 0:
+                raise EnvConfigError(f"mujoco_physics: gravity must be >= 0, got {gravity}.")
+            model.opt.gravity[:] = (0.0, 0.0, -float(gravity))
+        if mass_scale is not None:
+            import mujoco
+
+            if isinstance(mass_scale, Mapping):
+                ids = {}
+                for name, factor in mass_scale.items():
+                    body_id = mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_BODY, name)
+                    if body_id < 0:
+                        names = [model.body(i).name for i in range(model.nbody)]
+                        raise EnvConfigError(
+                            f"mujoco_physics: unknown body {name!r}; bodies: {', '.join(names)}."
+                        )
+                    ids[body_id] = float(factor)
+            else:
+                ids = {i: float(mass_scale) for i in range(1, model.nbody)}  # 0 is the world
+            for body_id, factor in ids.items():
+                if not factor > 0:
+                    raise EnvConfigError(f"mujoco_physics: mass scales must be > 0, got {factor}.")
+                model.body_mass[body_id] *= factor
+                model.body_inertia[body_id] *= factor
 
 
 WRAPPERS: dict[str, Callable[..., gym.Env]] = {
@@ -369,6 +406,6 @@ WRAPPERS: dict[str, Callable[..., gym.Env]] = {
     "pad_observation": PadObservation,
     "cartpole_physics": CartPolePhysics,
     "pendulum_physics": PendulumPhysics,
-    "mujoco_physics": _mujoco_physics,
+    "mujoco_physics": MujocoPhysics,
 }
 """Short names usable in :class:`envs.spec.WrapperSpec` and in YAML sequence files."""

@@ -15,6 +15,7 @@ Format (every key but ``name``, ``tasks`` and ``steps_per_task`` is optional)::
         kwargs: {max_episode_steps: 200}
         low: 0                     # score bounds (omit: measure them)
         high: 200
+        score_kind: return         # or success: the success rate of info["success"]
       - env_id: CartPole-v1
         name: cartpole-heavy
         wrappers:                  # names: envs.wrappers.WRAPPERS, gymnasium.wrappers.*,
@@ -35,14 +36,16 @@ from typing import Any
 
 import yaml
 
+from envs.errors import EnvConfigError
 from envs.sequence import TaskSequence
-from envs.spec import EnvConfigError, TaskSpec, WrapperSpec
+from envs.spec import TaskSpec, WrapperSpec
 
 _SEQUENCE_KEYS = {
     "name", "tasks", "steps_per_task", "cycles", "seed", "shuffle", "pad_observations",
     "description",
 }
-_TASK_KEYS = {"env_id", "name", "kwargs", "wrappers", "low", "high", "requires", "extra"}
+_TASK_KEYS = {"env_id", "name", "kwargs", "wrappers", "low", "high", "requires", "extra",
+              "score_kind"}
 
 
 def _builders() -> dict[str, Callable[..., TaskSpec]]:
@@ -144,6 +147,7 @@ def _task(entry: Any, where: str) -> TaskSpec:
             high=entry.get("high"),
             requires=entry.get("requires") or (),
             extra=entry.get("extra"),
+            score_kind=entry.get("score_kind") or "return",
         )
     except EnvConfigError as exc:
         if str(exc).startswith(where):

@@ -38,8 +38,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from agents.config import RunConfig  # noqa: E402,I001
 from agents.evaluation import BatchedEvaluator, evaluate_per_task  # noqa: E402
-from agents.runner import RunConfig, make_agent  # noqa: E402,I001
+from agents.factory import make_agent  # noqa: E402,I001
 from crl.strategies import METHODS  # noqa: E402
 
 TARGETS = {"finetune": 0.97, "l2": 0.90, "ewc": 0.90, "mas": 0.90, "packnet": 0.90,

@@ -33,8 +33,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from agents.checkpoint import agent_state, load_agent_state  # noqa: E402
+from agents.config import CHECKPOINT_EVERY, RunConfig  # noqa: E402
 from agents.continual import ContinualAgent  # noqa: E402
-from agents.runner import CHECKPOINT_EVERY, RunConfig, make_agent, train  # noqa: E402
+from agents.factory import make_agent  # noqa: E402
+from agents.runner import train  # noqa: E402
 from crl.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 
 README = dict(sequence="CartPoleSwap", agent="ppo", method="finetune", eval_every=2048,

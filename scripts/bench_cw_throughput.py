@@ -18,7 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agents.runner import RunConfig, train  # noqa: E402
+from agents.config import RunConfig  # noqa: E402
+from agents.runner import train  # noqa: E402
 
 CW_OPTIONS = {"learning_rate": 1e-3, "batch_size": 128, "buffer_size": 1_000_000,
               "gamma": 0.99, "tau": 0.005, "train_freq": 50, "gradient_steps": 50}

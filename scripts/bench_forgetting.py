@@ -146,10 +146,11 @@ def main() -> int:
         print_checks(check(load_rows(a.check_only / "report.csv")), a.check_only / "checks.json")
         return 0
     sys.path.insert(0, str(ROOT))
+    from crl.cli import command_options
     from crl.sweep import load_sweep, run_sweep
 
     for path in a.sweeps:
-        sweep = load_sweep(path)
+        sweep = load_sweep(path, options_for=command_options)
         print(f"== {path.name}: {len(sweep.runs)} runs under {sweep.sweep_dir}", flush=True)
         if not a.no_references:
             make_references(sweep)

@@ -117,13 +117,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_sweep")
     args = parser.parse_args()
 
+    from crl.cli import command_options
     from crl.sweep import parse_sweep
 
     spec = preset(args.preset, args.data_dir)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{spec['name']}.yaml"
     path.write_text(yaml.safe_dump(spec | {"out": str(args.out)}, sort_keys=False))
-    config = parse_sweep(yaml.safe_load(path.read_text()), source=path)
+    config = parse_sweep(yaml.safe_load(path.read_text()), source=path,
+                         options_for=command_options)
     print(f"{len(config.runs)} runs of `crl {config.command}`: "
           + ", ".join(r.run_id for r in config.runs), flush=True)
     rows = []

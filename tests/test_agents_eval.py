@@ -54,7 +54,7 @@ if "crl-test/Success-v0" not in gym.registry:
 
 
 def success_sequence() -> TaskSequence:
-    tasks = [TaskSpec("crl-test/Success-v0", name=f"s{i}", extra="metaworld") for i in range(2)]
+    tasks = [TaskSpec("crl-test/Success-v0", name=f"s{i}", score_kind="success") for i in range(2)]
     return TaskSequence("SuccessSeq", tasks, steps_per_task=100)
 
 

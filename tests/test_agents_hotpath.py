@@ -9,6 +9,8 @@ import pytest
 import torch
 from torch.func import vmap
 
+from agents.config import RunConfig
+from agents.factory import make_agent
 from agents.heads import (
     MultiHeadLinear,
     TaskLookup,
@@ -18,7 +20,6 @@ from agents.heads import (
 )
 from agents.method_defaults import RL_METHOD_DEFAULTS, agent_batch_size, rl_method_options
 from agents.ppo import ContinualPPO
-from agents.runner import RunConfig, make_agent
 from envs.continual import ContinualEnv
 from envs.registry import get_sequence
 

@@ -28,7 +28,9 @@ from click.testing import CliRunner
 from stable_baselines3.common.logger import Logger
 
 from agents.checkpoint import agent_state, load_agent_state, restore_agent, save_agent
-from agents.runner import RunConfig, load_agent, make_agent, train
+from agents.config import RunConfig
+from agents.factory import make_agent
+from agents.runner import load_agent, train
 from agents.sac import ContinualSAC
 from crl.checkpoint import CheckpointError, checkpoint_path, load_checkpoint
 from crl.cli import main

@@ -12,9 +12,11 @@ import yaml
 from click.testing import CliRunner
 
 import agents.runner as runner
+import agents.training as training
+from agents.config import RunConfig, resolve_sequence
 from agents.evaluation import BatchedEvaluator
 from agents.reference import reference_path
-from agents.runner import EvalRecord, RunConfig, load_sequence, stage_history
+from agents.training import EvalRecord, stage_history
 from crl.cli import _resolve, _run_config, main
 from envs.registry import get_sequence
 
@@ -103,7 +105,7 @@ def test_reference_runs_are_cached_and_not_rerun(trained, monkeypatch) -> None:
     def fail(*a, **k):
         raise AssertionError("a cached reference must not be trained again")
 
-    monkeypatch.setattr(runner, "_train_stages", fail)
+    monkeypatch.setattr(training, "train_stages", fail)
     res = CliRunner().invoke(main, ["reference", *TINY, "--reference-dir", str(trained["refs"])])
     assert res.exit_code == 0, res.output
     assert "cartpole-swapped" in res.output
@@ -112,7 +114,7 @@ def test_reference_runs_are_cached_and_not_rerun(trained, monkeypatch) -> None:
 def test_reference_key_ignores_method_and_seed_but_not_agent_settings(tmp_path: Path) -> None:
     base = RunConfig(steps_per_task=512, reference_dir=str(tmp_path), net_arch=(16,),
                      agent_options={"n_steps": 128})
-    seq = load_sequence(base)
+    seq = resolve_sequence(base)
     same = base.replace(method="ewc", seed=7, method_options={"ewc": {"lam": 3.0}})
     assert reference_path(base, seq, 0) == reference_path(same, seq, 0)
     assert reference_path(base, seq, 0) != reference_path(base, seq, 1)
@@ -156,7 +158,7 @@ def test_yaml_options_and_command_line_precedence(tmp_path: Path) -> None:
     }))
     config = _run_config(_resolve(_params("train", config_file=str(cfg), steps_per_task=400,
                                           learning_rate=0.01, cycles=2)))
-    assert load_sequence(config).schedule == (0, 1, 2, 3) * 2
+    assert resolve_sequence(config).schedule == (0, 1, 2, 3) * 2
     assert (config.sequence, config.agent, config.method) == ("PendulumVariants", "sac", "ewc")
     assert config.steps_per_task == 400  # command line beats YAML
     assert config.method_options == {"ewc": {"lam": 7.0}}

@@ -8,8 +8,9 @@ import re
 import pytest
 from click.testing import CliRunner
 
+from agents.config import RunConfig, resolve_sequence
+from agents.factory import make_agent
 from agents.method_defaults import RL_METHOD_DEFAULTS, rl_method_options
-from agents.runner import RunConfig, load_sequence, make_agent
 from crl.cli import main
 from crl.config import method_options
 from crl.supervised.experiment import SupervisedConfig, method_options_for
@@ -61,7 +62,7 @@ def test_the_strengths_shown_are_the_built_strategies(agent):
     for method in ("l2", "ewc", "mas"):
         config = RunConfig(sequence="CartPoleSwap" if agent == "ppo" else "PendulumVariants",
                            agent=agent, method=method, wandb="disabled", progress=False)
-        seq = load_sequence(config)
+        seq = resolve_sequence(config)
         env = seq.make_env(append_task_id=True)
         try:
             model = make_agent(config, env, seq)

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from crl.cli import click_params, main
+from crl.cli import click_params, command_options, main
 from crl.sweep import SweepConfigError, load_sweep, run_id, run_sweep
 
 
@@ -56,7 +56,7 @@ def test_every_problem_of_a_bad_sweep_is_listed_at_once(tmp_path: Path, tiny_mni
     cfg["grid"] = {"method": ["finetune", "ewcc"], "seed": [], "lr": 0.1}
     cfg["overrides"] = [{}, "lr=3"]
     with pytest.raises(SweepConfigError) as err:
-        load_sweep(_write(tmp_path / "bad.yaml", cfg))
+        load_sweep(_write(tmp_path / "bad.yaml", cfg), options_for=command_options)
     msg = str(err.value)
     expected = [
         "retry: unknown key (did you mean 'retries'?)",
@@ -85,14 +85,14 @@ def test_run_level_checks_name_the_runs(tmp_path: Path, tiny_mnist_dir) -> None:
     cfg["grid"]["seed"] = [0, 1]
     cfg["base"]["data_dir"] = str(tmp_path / "no-such-folder")
     with pytest.raises(SweepConfigError) as err:
-        load_sweep(_write(tmp_path / "s.yaml", cfg))
+        load_sweep(_write(tmp_path / "s.yaml", cfg), options_for=command_options)
     msg = str(err.value)
     assert "no-such-folder is not a folder" in msg
     assert "runs ewc-split-mnist-seed0, ewc-split-mnist-ewc_lam=-1-seed0, " \
            "ewc-split-mnist-seed1 and 5 more: data-dir" in msg
     cfg["base"]["data_dir"] = str(tiny_mnist_dir)
     with pytest.raises(SweepConfigError) as err:
-        load_sweep(_write(tmp_path / "s.yaml", cfg))
+        load_sweep(_write(tmp_path / "s.yaml", cfg), options_for=command_options)
     assert "runs ewc-split-mnist-ewc_lam=-1-seed0, ewc-split-mnist-ewc_lam=-1-seed1: " \
            "lam (regularisation strength) must be a finite number >= 0, got -1.0" in str(err.value)
 
@@ -101,7 +101,7 @@ def test_unknown_sequence_and_agent_option_of_rl_runs(tmp_path: Path) -> None:
     cfg = {"command": "train", "base": {"agent": "ppo", "buffer_size": 1000},
            "grid": {"sequence": ["CartPoleSwap", "NoSuchSequence"], "seed": [0]}}
     with pytest.raises(SweepConfigError) as err:
-        load_sweep(_write(tmp_path / "rl.yaml", cfg))
+        load_sweep(_write(tmp_path / "rl.yaml", cfg), options_for=command_options)
     msg = str(err.value)
     assert "run ppo-NoSuchSequence-seed0: Unknown sequence 'NoSuchSequence'" in msg
     assert "run ppo-CartPoleSwap-seed0: unknown option(s) ['buffer_size'] for the PPO agent" \
@@ -118,7 +118,7 @@ def test_grid_expands_to_typed_runs_with_stable_ids(tmp_path: Path) -> None:
         "overrides": [{}, {"ewc_lam": 100}],
         "out": str(tmp_path / "out"),
     }
-    sweep = load_sweep(_write(tmp_path / "cartpole-methods.yaml", cfg))
+    sweep = load_sweep(_write(tmp_path / "cartpole-methods.yaml", cfg), options_for=command_options)
     assert sweep.name == "cartpole-methods"  # the file stem
     assert len(sweep.runs) == 1 * 2 * 2 * 2 * 2
     ids = [r.run_id for r in sweep.runs]
@@ -146,11 +146,11 @@ def test_colliding_ids_and_overrides_of_grid_axes_are_errors(tmp_path: Path,
                                                              tiny_mnist_dir) -> None:
     cfg = _supervised_sweep(tmp_path, tiny_mnist_dir, overrides=[{"seed": 1}])
     with pytest.raises(SweepConfigError, match=r"overrides\[0\]\.seed: is also a grid axis"):
-        load_sweep(_write(tmp_path / "a.yaml", cfg))
+        load_sweep(_write(tmp_path / "a.yaml", cfg), options_for=command_options)
     cfg = _supervised_sweep(tmp_path, tiny_mnist_dir, overrides=[{}])
     cfg["grid"]["lr"] = ["0.1", 0.1]  # different YAML values, same option value
     with pytest.raises(SweepConfigError, match="2 grid points get this id"):
-        load_sweep(_write(tmp_path / "b.yaml", cfg))
+        load_sweep(_write(tmp_path / "b.yaml", cfg), options_for=command_options)
 
 
 def test_dry_run_lists_runs_and_commands_and_starts_nothing(tmp_path: Path,
@@ -272,8 +272,8 @@ def test_sweep_on_local_ray_retries_the_failing_run_and_completes_the_others(
 
 def test_run_sweep_needs_nothing_when_all_runs_finished(tmp_path: Path, tiny_mnist_dir) -> None:
     """The skip path through the Python API (no Ray, no report)."""
-    sweep = load_sweep(_write(tmp_path / "tiny.yaml", _supervised_sweep(tmp_path,
-                                                                        tiny_mnist_dir)))
+    path = _write(tmp_path / "tiny.yaml", _supervised_sweep(tmp_path, tiny_mnist_dir))
+    sweep = load_sweep(path, options_for=command_options)
     for run in sweep.runs:
         run.run_dir.mkdir(parents=True)
         (run.run_dir / "results.json").write_text("{}")

@@ -14,9 +14,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from crl.strategies.anchored import AnchoredPenalty, Tensors, Term, check_max_samples
 from crl.strategies.base import snapshot
 from crl.strategies.importance import FISHER_MODES, fisher_diagonal, task_seed
-from crl.strategies.l2 import AnchoredPenalty, Tensors, Term, check_max_samples
 
 MODES = ("separate", "online")
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from crl.strategies.anchored import AnchoredPenalty, Tensors, Term, check_max_samples
 from crl.strategies.base import snapshot
 from crl.strategies.importance import mas_importance
-from crl.strategies.l2 import AnchoredPenalty, Tensors, Term, check_max_samples
 
 
 class MAS(AnchoredPenalty):

@@ -47,6 +47,7 @@ from crl.checkpoint import (
     save_checkpoint,
 )
 from crl.config import check_seed
+from crl.metric_keys import SL_AVG_ACC, SL_AVG_ACC_SEEN, sl_acc_key
 from crl.plots import plot_average_and_forgetting
 from crl.runs import (
     RunFailed,
@@ -373,10 +374,10 @@ def _execute(
 
         def on_task_end(i: int, accs: np.ndarray, updates: int) -> None:
             row: dict[str, Any] = {
-                f"eval/acc/{n}": float(a) for n, a in zip(task_names, accs, strict=True)
+                sl_acc_key(n): float(a) for n, a in zip(task_names, accs, strict=True)
             }
-            row |= {"task": i, "eval/avg_acc_seen": float(np.mean(accs[: i + 1]))}
-            row["eval/avg_acc"] = float(np.mean(accs))
+            row |= {"task": i, SL_AVG_ACC_SEEN: float(np.mean(accs[: i + 1]))}
+            row[SL_AVG_ACC] = float(np.mean(accs))
             tracker.log(row, step=updates)
 
         def on_update(updates: int, row: dict[str, float]) -> None:
