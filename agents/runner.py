@@ -85,7 +85,7 @@ from crl.runs import (
     holds_run,
     raise_if_finished,
     read_run_config,
-    record_failure,
+    record_run_failure,
 )
 from crl.tracking import RunTracker, to_builtin
 
@@ -298,27 +298,20 @@ def _describe(position: Position, stages: Sequence[Stage], names: Sequence[str])
 def _record_failure(run_dir: Path, exc: BaseException, ckpt_file: Path,
                     last: Mapping[str, Any], stages: Sequence[Stage],
                     names: Sequence[str]) -> RunFailed | None:
-    """Write failed.json; for a nan/inf loss, return the :class:`RunFailed` to raise."""
-    task = getattr(exc, "task", None)
-    step = getattr(exc, "step", None)
+    task, step = getattr(exc, "task", None), getattr(exc, "step", None)
     has_ckpt = last["position"] is not None and ckpt_file.is_file()
-    record_failure(run_dir, exc, {
-        "task": task, "step": step,
-        "last_checkpoint": str(ckpt_file) if has_ckpt else None,
-        "checkpoint_step": last["step"] if has_ckpt else None,
-        "checkpoint_position": dataclasses.asdict(last["position"]) if has_ckpt else None,
-    })
-    if not isinstance(exc, FloatingPointError):
-        return None
-    where = "no checkpoint had been written" if not has_ckpt else (
-        f"the last good checkpoint is {ckpt_file} (env step {last['step']:,}, "
-        f"{_describe(last['position'], stages, names)})")
-    return RunFailed(
-        f"training diverged: {exc}. The run stopped before the bad update was checkpointed: "
-        f"{where}; the failure is recorded in {run_dir / 'failed.json'} and the run has no "
-        f"results. Start a new run with the lower setting (`crl train --resume {run_dir}` "
-        "continues with the same settings, which diverge again)",
-        run_dir=run_dir, checkpoint=ckpt_file if has_ckpt else None, task=task, step=step)
+    return record_run_failure(
+        run_dir, exc, diverged=isinstance(exc, FloatingPointError),
+        checkpoint=ckpt_file if has_ckpt else None,
+        checkpoint_at=(f"env step {last['step']:,}, "
+                       f"{_describe(last['position'], stages, names)}") if has_ckpt else "",
+        details={"task": task, "step": step,
+                 "last_checkpoint": str(ckpt_file) if has_ckpt else None,
+                 "checkpoint_step": last["step"] if has_ckpt else None,
+                 "checkpoint_position": dataclasses.asdict(last["position"]) if has_ckpt
+                 else None},
+        command="crl train", fix="start a new run with a lower learning rate or method "
+        "strength", task=task, step=step)
 
 
 def _execute(plan: _Plan, path: Path, *, resume: _Resume | None = None,

@@ -130,3 +130,25 @@ def record_failure(run_dir: str | Path, exc: BaseException, details: Mapping[str
     path = Path(run_dir) / FAILED
     atomic_write_text(path, json.dumps(to_builtin(record), indent=1))
     return path
+
+
+def record_run_failure(run_dir: Path, exc: BaseException, *, diverged: bool,
+                       checkpoint: Path | None, checkpoint_at: str, details: Mapping[str, Any],
+                       command: str, fix: str, task: int | None, step: int | None,
+                       position: Any = None) -> RunFailed | None:
+    """The one failure path of both hosts: write ``failed.json`` (the error, the host's
+    ``details``: where it happened and where the last checkpoint stands) and, for a diverged
+    run (``diverged``: a nan/inf loss), return the :class:`RunFailed` to raise, whose message
+    names the checkpoint kept, the failure record and the fix. ``checkpoint`` is None when
+    none was written; ``checkpoint_at`` says where it stands in the host's words."""
+    record_failure(run_dir, exc, details)
+    if not diverged:
+        return None
+    where = "no checkpoint was written before it" if checkpoint is None else (
+        f"the last good checkpoint is {checkpoint} ({checkpoint_at})")
+    return RunFailed(
+        f"training diverged: {exc}. The run stopped and {where}; the failure is recorded in "
+        f"{run_dir / FAILED} and the run has no results. Fix: {fix}; `{command} --resume "
+        f"{run_dir}` would continue from that checkpoint with the same settings, which "
+        "diverge again",
+        run_dir=run_dir, checkpoint=checkpoint, task=task, step=step, position=position)

@@ -56,7 +56,7 @@ from crl.runs import (
     holds_run,
     raise_if_finished,
     read_run_config,
-    record_failure,
+    record_run_failure,
 )
 from crl.strategies import make_strategy, strategy_class
 from crl.supervised.benchmarks import Benchmark, make_benchmark
@@ -423,31 +423,20 @@ def _execute(
 
 def _record_failure(run_dir: Path, exc: BaseException, ckpt_file: Path,
                     last: dict[str, Any], method: str) -> RunFailed | None:
-    """Write failed.json; for a nan/inf, return the :class:`RunFailed` to raise instead."""
-    task = getattr(exc, "task", None) if isinstance(exc, NonFiniteError) else None
-    update = getattr(exc, "update", None) if isinstance(exc, NonFiniteError) else None
+    diverged = isinstance(exc, NonFiniteError)
+    task = getattr(exc, "task", None) if diverged else None
+    update = getattr(exc, "update", None) if diverged else None
     has_ckpt = ckpt_file.is_file() and last["position"] is not None
-    record_failure(run_dir, exc, {
-        "task": task,
-        "update": update,
-        "last_checkpoint": str(ckpt_file) if has_ckpt else None,
-        "checkpoint_position": last["position"] if has_ckpt else None,
-        "checkpoint_updates": last["updates"] if has_ckpt else None,
-    })
-    if not isinstance(exc, NonFiniteError):
-        return None
-    where = "no checkpoint was written before it" if not has_ckpt else (
-        f"the last good checkpoint is {ckpt_file} (after update {last['updates']}, "
-        f"{_describe(last['position'])})")
-    return RunFailed(
-        f"training diverged: {exc}. The run stopped and {where}; the failure is recorded in "
-        f"{run_dir / 'failed.json'}. Fix: start a new run with a lower "
-        f"{_strength_flags(method)}; `crl supervised --resume {run_dir}` would continue "
-        "from that checkpoint with the same settings, which diverge again",
-        run_dir=run_dir, task=task, step=update,
-        checkpoint=ckpt_file if has_ckpt else None,
-        position=last["position"] if has_ckpt else None,
-    )
+    return record_run_failure(
+        run_dir, exc, diverged=diverged, checkpoint=ckpt_file if has_ckpt else None,
+        checkpoint_at=(f"after update {last['updates']}, {_describe(last['position'])}"
+                       if has_ckpt else ""),
+        details={"task": task, "update": update,
+                 "last_checkpoint": str(ckpt_file) if has_ckpt else None,
+                 "checkpoint_position": last["position"] if has_ckpt else None,
+                 "checkpoint_updates": last["updates"] if has_ckpt else None},
+        command="crl supervised", fix=f"start a new run with a lower {_strength_flags(method)}",
+        task=task, step=update, position=last["position"] if has_ckpt else None)
 
 
 def _describe(position: Mapping[str, Any]) -> str:
