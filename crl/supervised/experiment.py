@@ -168,7 +168,7 @@ class ExperimentResult:
     run_dir: Path
 
 
-def summarize(result: SupervisedResult) -> dict[str, Any]:
+def supervised_summary(result: SupervisedResult) -> dict[str, Any]:
     """Final metrics of a run: average accuracy, forgetting, BWT/FWT (Lopez-Paz & Ranzato)."""
     R = result.matrix
     summary: dict[str, Any] = {
@@ -410,7 +410,7 @@ def _execute(
             if failure is None:
                 raise
             raise failure from exc
-        summary = summarize(result)
+        summary = supervised_summary(result)
         if result.matrix.shape[0] > 1:
             tracker.log_matrix("accuracy_matrix", result.matrix, task_names, task_names)
             curves = plot_average_and_forgetting(
