@@ -44,6 +44,7 @@ RL_METHOD_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
         "l2": {"lam": 1.0},
         "ewc": {"lam": 1000.0},
         "mas": {"lam": 3.0},
+        "agem": {"memory_per_task": 2048},
         # on-policy PPO cannot learn from stored transitions: its replay distils the old
         # policy on stored states (agents.ppo refuses the other modes)
         "replay": {"mode": "distill"},
