@@ -77,7 +77,8 @@ def test_the_strengths_shown_are_the_built_strategies(agent):
 def test_list_methods_shows_both_defaults_and_text_values():
     out = CliRunner().invoke(main, ["list", "methods"], terminal_width=200).output
     ewc = next(line for line in out.splitlines() if "--ewc-lam" in line)
-    assert "10.0" in ewc and "PPO 1000.0" in ewc and "SAC 10000.0" in ewc
+    ppo, sac = (RL_METHOD_DEFAULTS[a]["ewc"]["lam"] for a in ("ppo", "sac"))
+    assert "supervised: 10.0" in ewc and f"PPO {ppo}" in ewc and f"SAC {sac}" in ewc
     mode = next(line for line in out.splitlines() if "--ewc-mode" in line)
     assert "separate" in mode  # not swallowed as rich markup
     replay_mode = next(line for line in out.splitlines() if "--replay-mode" in line)

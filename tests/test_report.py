@@ -21,8 +21,11 @@ from rich.console import Console
 
 import crl.report as rep
 import crl.report_sources as sources
+from agents.method_defaults import RL_METHOD_DEFAULTS
 from crl.cli import main
 from crl.report import ReportError, align, default_out_dir, report, report_wandb, seed_band
+
+PPO_EWC = RL_METHOD_DEFAULTS["ppo"]["ewc"]["lam"]
 
 STEPS = [0, 50, 100, 150, 200]
 
@@ -243,7 +246,7 @@ def test_method_options_and_other_settings_split_groups(tmp_path: Path) -> None:
     write_rl_run(root, "b", method="ewc", seed=1, perf=0.6, forgetting=0.2, ft=0.0,
                  method_options={"ewc": {"lam": 100, "mode": "online"}, "l2": {"lam": 5}})
     write_rl_run(root, "c", method="ewc", seed=1, perf=0.6, forgetting=0.2, ft=0.0,
-                 method_options={"ewc": {"lam": 1000.0}}, agent="ppo")  # PPO's default
+                 method_options={"ewc": {"lam": PPO_EWC}}, agent="ppo")  # PPO's default
     c = yaml.safe_load((root / "a" / "config.yaml").read_text())
     c["agent_options"]["multi_head"] = False
     (root / "a" / "config.yaml").write_text(yaml.safe_dump(c))
@@ -542,9 +545,10 @@ def test_end_to_end_two_real_runs_through_the_cli(tiny_mnist_dir: Path, tmp_path
 def test_rl_labels_compare_with_the_agents_defaults(tmp_path: Path) -> None:
     """An RL run given the strength `crl train` uses anyway is the same method as one given
     nothing; the constructor's 1.0 is not PPO's default, so it is labelled."""
+    assert PPO_EWC != 1.0
     root = tmp_path / "r"
     write_rl_run(root, "given", method="ewc", seed=0, perf=0.5, forgetting=0.1, ft=0.0,
-                 method_options={"ewc": {"lam": 1000.0}}, agent="ppo")
+                 method_options={"ewc": {"lam": PPO_EWC}}, agent="ppo")
     write_rl_run(root, "none", method="ewc", seed=1, perf=0.7, forgetting=0.1, ft=0.0,
                  agent="ppo")
     write_rl_run(root, "one", method="ewc", seed=0, perf=0.2, forgetting=0.1, ft=0.0,
