@@ -361,11 +361,7 @@ def _run_failures(run_dir: str | None = None) -> Iterator[None]:
             f"cannot resume {run_dir}: {exc}" if run_dir else str(exc)) from exc
     except RunLockedError as exc:
         raise click.ClickException(str(exc)) from exc
-    except (OSError, RuntimeError) as exc:  # torch reports a full disk as a RuntimeError
-        message = filesystem_message(exc)
-        if message is None:
-            raise
-        raise click.ClickException(message) from exc
+    # file-system errors propagate to the command group, which words them (_Commands)
 
 
 def filesystem_message(exc: BaseException) -> str | None:
