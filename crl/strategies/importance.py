@@ -10,6 +10,13 @@ functionally through a wrapper module whose child *is* ``host.module``. Where ``
 run the host's code (data-dependent control flow, ``.item()``, custom autograd functions...),
 the computation warns once and falls back to a per-sample autograd loop with the same result.
 
+That path is the general one, and the slow one: its cost and memory grow with the number of
+scalars x parameters per sample. For the parameters of ``nn.Linear`` and ``nn.Conv2d``
+layers, :mod:`crl.strategies.layer_grads` computes the same sums from one batched backward
+pass per scalar (square and absolute value factorise over a layer's outer product), and
+:func:`accumulate_importance` uses it automatically, keeping per-sample Jacobians for the
+other parameters only (PPO's state-independent ``log_std``, custom layers).
+
 References
 - Kirkpatrick et al. 2017, "Overcoming catastrophic forgetting in neural networks" (EWC).
 - Schwarz et al. 2018, "Progress & Compress" (online EWC).
@@ -38,9 +45,16 @@ from torch.distributions import (
 from torch.func import functional_call, jacrev, vmap
 
 from crl.strategies.base import Batch, Host
+from crl.strategies.layer_grads import (
+    MULTIPLICATIVE,
+    FastPathUnavailable,
+    LayerGradientSums,
+    split_parameters,
+)
 
-#: Per-sample scalars: (the host's distribution for ONE sample, batch dim 1; the sample's
-#: extra tensor with a leading dim 1, or None) -> any tensor, flattened to S scalars.
+#: Per-sample scalars: (the host's distribution for a batch of B samples; the samples' extra
+#: tensor with leading dim B, or None) -> (B, S): S scalars per sample, each depending on its
+#: own sample only. The per-sample Jacobian path calls it with B = 1.
 ScalarsFn = Callable[[Distribution, torch.Tensor | None], torch.Tensor]
 FisherMode = Literal["true", "sampled", "empirical"]
 
@@ -113,18 +127,20 @@ def fisher_scalars(mode: str) -> ScalarsFn:
         if mode == "true":
             if isinstance(dist, Categorical):
                 log_p = dist.logits
-                return (log_p.detach().exp().sqrt() * log_p).reshape(-1)
+                return _rows(log_p.detach().exp().sqrt() * log_p)
             mu, sigma = gaussian_parameters(dist)
             inv = 1.0 / sigma.detach()
-            return torch.cat([(mu * inv).reshape(-1), (math.sqrt(2.0) * sigma * inv).reshape(-1)])
+            return torch.cat([_rows(mu * inv), _rows(math.sqrt(2.0) * sigma * inv)], dim=1)
         if extra is None:
             raise PerSampleGradientError(f"fisher={mode!r} needs a target per sample")
+        extra = _per_sample_values(dist, extra)
         if isinstance(dist, Categorical):
-            return dist.log_prob(extra).sum().reshape(1)
+            return _rows(dist.log_prob(extra)).sum(1, keepdim=True)
         if mode == "sampled":  # ŷ was drawn in the pre-transform (Gaussian) space
             mu, sigma = gaussian_parameters(dist)
-            return Normal(mu, sigma, validate_args=False).log_prob(extra).sum().reshape(1)
-        return dist.log_prob(extra).sum().reshape(1)
+            log_p = Normal(mu, sigma, validate_args=False).log_prob(extra)
+            return _rows(log_p).sum(1, keepdim=True)
+        return _rows(dist.log_prob(extra)).sum(1, keepdim=True)
 
     return scalars
 
@@ -135,9 +151,28 @@ def mas_scalars(dist: Distribution, extra: torch.Tensor | None = None) -> torch.
     (pre-squashing), the outputs Continual World regularises."""
     _check_supported(dist)
     if isinstance(dist, Categorical):
-        return dist.logits.pow(2).sum().reshape(1)
+        return _rows(dist.logits.pow(2)).sum(1, keepdim=True)
     mu, sigma = gaussian_parameters(dist)
-    return (mu.pow(2).sum() + sigma.pow(2).sum()).reshape(1)
+    return (_rows(mu.pow(2)) + _rows(sigma.pow(2))).sum(1, keepdim=True)
+
+
+def _per_sample_values(dist: Distribution, extra: torch.Tensor) -> torch.Tensor:
+    """Targets in the distribution's value shape: SB3 stores discrete actions as (B, 1),
+    which ``log_prob`` would broadcast against a (B,) batch into (B, B) cross-sample terms."""
+    shape = dist.batch_shape + dist.event_shape
+    if extra.shape == shape:
+        return extra
+    if extra.numel() != shape.numel():
+        raise PerSampleGradientError(
+            f"the Fisher targets have shape {tuple(extra.shape)} but the policy's outputs have "
+            f"shape {tuple(shape)}; target_key must name one target per sample"
+        )
+    return extra.reshape(shape)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """(B, everything else): one row per sample (a 1-d tensor is one scalar per sample)."""
+    return t.reshape(t.shape[0], -1)
 
 
 # -- per-sample Jacobians ------------------------------------------------------------------
@@ -152,8 +187,21 @@ class _ScalarsModule(nn.Module):
         object.__setattr__(self, "_host_ref", host)
         object.__setattr__(self, "_scalars", scalars)
 
-    def forward(self, batch: dict[str, torch.Tensor], extra: torch.Tensor | None) -> torch.Tensor:
-        return self._scalars(self._host_ref.output_distribution(batch), extra).reshape(-1)
+    def forward(
+        self, batch: dict[str, torch.Tensor], extra: torch.Tensor | None, flat: bool = True
+    ) -> torch.Tensor:
+        out = self._scalars(self._host_ref.output_distribution(batch), extra)
+        return out.reshape(-1) if flat else out
+
+    def batch_scalars(
+        self,
+        tensors: dict[str, torch.Tensor],
+        batch: dict[str, torch.Tensor],
+        extra: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """(B, S) scalars of a whole batch with ``tensors`` in place of host parameters."""
+        swapped = {f"{_CHILD}.{n}": t for n, t in tensors.items()}
+        return functional_call(self, swapped, (batch, extra, False))
 
 
 @contextlib.contextmanager
@@ -214,16 +262,7 @@ class PerSampleJacobian:
     ) -> None:
         self.host = host
         self.wrapper = _ScalarsModule(host, scalars)
-        params = host.protected_parameters() if params is None else params
-        if not params:
-            raise ValueError("no parameters to compute importance for (protected set is empty)")
-        own = {n for n, _ in host.module.named_parameters(remove_duplicate=False)}
-        unknown = sorted(set(params) - own)
-        if unknown:
-            raise ValueError(
-                f"parameters {unknown} are not named parameters of host.module; "
-                "protected_parameters() must use host.module.named_parameters() names"
-            )
+        params = _checked_parameters(host, params)
         self.names = list(params)
         self.params = {n: p.detach() for n, p in params.items()}
         self.vectorize = vectorize
@@ -333,17 +372,30 @@ def accumulate_importance(
     max_samples: int | None = None,
     budget: int = DEFAULT_BUDGET,
     vectorize: bool = True,
+    fast: bool = True,
 ) -> dict[str, torch.Tensor]:
     """mean over samples x of Σ_s reduce(∂ s(x) / ∂θ), per protected parameter.
 
-    ``extra_fn(batch)`` gives a per-sample target tensor (labels, sampled outputs). Batches are
-    cut into chunks of at most ``budget`` floats of Jacobian, and at most ``max_samples``
-    samples (the first ones, in iteration order) are used.
+    ``extra_fn(batch)`` gives a per-sample target tensor (labels, sampled outputs). At most
+    ``max_samples`` samples (the first ones, in iteration order) are used. With ``fast`` and
+    ``reduce`` torch.square or torch.abs, parameters of ``nn.Linear`` and ``nn.Conv2d``
+    layers take the layer path (:mod:`crl.strategies.layer_grads`: batched backward passes,
+    no per-sample Jacobian of a whole network); every other parameter, and everything when
+    the host's forward pass defeats the layer path, takes per-sample Jacobians cut into
+    chunks of at most ``budget`` floats. ``fast=False`` forces per-sample Jacobians.
     """
     if max_samples is not None and max_samples < 1:
         raise ValueError(f"max_samples must be a positive integer or None, got {max_samples}")
-    engine = PerSampleJacobian(host, scalars, vectorize=vectorize)
-    acc = {n: torch.zeros_like(p) for n, p in engine.params.items()}
+    params = _checked_parameters(host)
+    acc = {n: torch.zeros_like(p.detach()) for n, p in params.items()}
+    layers: LayerGradientSums | None = None
+    rest = list(params)
+    if fast and reduce in MULTIPLICATIVE:
+        owned, rest = split_parameters(host.module, rest)
+        if owned:
+            wrapper = _ScalarsModule(host, scalars)
+            layers = LayerGradientSums(host.module, wrapper.batch_scalars, owned, reduce, budget)
+    engine = _jacobian(host, scalars, params, rest, vectorize)
     seen = 0
     batches = host.importance_batches() if batches is None else batches
     with eval_mode(host.module):
@@ -356,16 +408,23 @@ def accumulate_importance(
             if size == 0:
                 continue
             extra = None if extra_fn is None else extra_fn(batch)
-            per_sample = max(1, engine.num_scalars(batch, extra) * engine.numel)
-            chunk = max(1, budget // per_sample)
-            for start in range(0, size, chunk):
-                part = {k: v[start : start + chunk] for k, v in batch.items()}
-                part_extra = None if extra is None else extra[start : start + chunk]
-                jac = engine(part, part_extra)
-                for n, j in jac.items():
-                    # detach: j also depends on unprotected parameters (task heads), and the
-                    # importance must not keep their graph alive into later updates
-                    acc[n] += reduce(j.detach()).sum(dim=(0, 1))
+            if layers is not None:
+                try:
+                    sums = layers(batch, extra)
+                except FastPathUnavailable as err:
+                    warnings.warn(
+                        f"importance: the layer path cannot run this host ({err}); using "
+                        "per-sample Jacobians for every parameter (same result, slower)",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+                    layers = None
+                    engine = _jacobian(host, scalars, params, list(params), vectorize)
+                else:
+                    for n, v in sums.items():
+                        acc[n] += v
+            if engine is not None:
+                _add_jacobian_sums(engine, batch, extra, reduce, budget, acc)
             seen += size
             if max_samples is not None and seen >= max_samples:
                 break
@@ -375,6 +434,55 @@ def accumulate_importance(
             "task's data (training set, replay buffer or rollouts)"
         )
     return {n: a / seen for n, a in acc.items()}
+
+
+def _checked_parameters(
+    host: Host, params: Mapping[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """``params`` (default: the protected set), checked to be named parameters of the host."""
+    params = host.protected_parameters() if params is None else params
+    if not params:
+        raise ValueError("no parameters to compute importance for (protected set is empty)")
+    own = {n for n, _ in host.module.named_parameters(remove_duplicate=False)}
+    unknown = sorted(set(params) - own)
+    if unknown:
+        raise ValueError(
+            f"parameters {unknown} are not named parameters of host.module; "
+            "protected_parameters() must use host.module.named_parameters() names"
+        )
+    return dict(params)
+
+
+def _jacobian(
+    host: Host,
+    scalars: ScalarsFn,
+    params: Mapping[str, torch.Tensor],
+    names: list[str],
+    vectorize: bool,
+) -> PerSampleJacobian | None:
+    if not names:
+        return None
+    return PerSampleJacobian(host, scalars, {n: params[n] for n in names}, vectorize=vectorize)
+
+
+def _add_jacobian_sums(
+    engine: PerSampleJacobian,
+    batch: dict[str, torch.Tensor],
+    extra: torch.Tensor | None,
+    reduce: Callable[[torch.Tensor], torch.Tensor],
+    budget: int,
+    acc: dict[str, torch.Tensor],
+) -> None:
+    size = _batch_size(batch)
+    per_sample = max(1, engine.num_scalars(batch, extra) * engine.numel)
+    chunk = max(1, budget // per_sample)
+    for start in range(0, size, chunk):
+        part = {k: v[start : start + chunk] for k, v in batch.items()}
+        part_extra = None if extra is None else extra[start : start + chunk]
+        for n, j in engine(part, part_extra).items():
+            # detach: j also depends on unprotected parameters (task heads), and the
+            # importance must not keep their graph alive into later updates
+            acc[n] += reduce(j.detach()).sum(dim=(0, 1))
 
 
 def _generator(
@@ -429,6 +537,7 @@ def fisher_diagonal(
     seed: int = 0,
     budget: int = DEFAULT_BUDGET,
     vectorize: bool = True,
+    fast: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Diagonal Fisher of ``host.output_distribution`` over ``host.importance_batches()``,
     averaged over samples. ``fisher`` picks the estimator (see :func:`fisher_scalars`);
@@ -448,6 +557,7 @@ def fisher_diagonal(
         max_samples=max_samples,
         budget=budget,
         vectorize=vectorize,
+        fast=fast,
     )
 
 
@@ -458,6 +568,7 @@ def mas_importance(
     max_samples: int | None = None,
     budget: int = DEFAULT_BUDGET,
     vectorize: bool = True,
+    fast: bool = True,
 ) -> dict[str, torch.Tensor]:
     """MAS Ω = mean over samples of |∂ ‖f(x)‖² / ∂θ| (Aljundi et al. 2018): absolute values
     per sample, so opposite-signed sensitivities of different samples do not cancel."""
@@ -469,6 +580,7 @@ def mas_importance(
         max_samples=max_samples,
         budget=budget,
         vectorize=vectorize,
+        fast=fast,
     )
 
 
