@@ -17,6 +17,7 @@ from agents.evaluation import (
     json_ready,
 )
 from crl.config import check_seed
+from crl.plasticity import check_settings as check_plasticity
 from crl.strategies import strategy_class
 
 if TYPE_CHECKING:
@@ -82,6 +83,9 @@ class RunConfig:
     checkpoint_every: int = CHECKPOINT_EVERY
     checkpoint_buffer: bool = True
     run_path: str | None = None
+    plasticity: bool = True
+    plasticity_tau: float = 0.025
+    plasticity_probe: int = 256
 
     def __post_init__(self) -> None:
         self.agent = str(self.agent).strip().lower()
@@ -120,6 +124,10 @@ class RunConfig:
                                   or not 0.0 < float(gamma) <= 1.0):
             raise ConfigError(f"gamma (the discount) must be a number in (0, 1], got {gamma!r}")
         check_device(self.device)
+        try:
+            check_plasticity(float(self.plasticity_tau), 0.01, self.plasticity_probe)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{exc}; set --plasticity-tau / --plasticity-probe") from None
         self.method_options = {k: dict(v) for k, v in self.method_options.items()}
 
     def to_dict(self) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from typing import Any
 import stable_baselines3
 import torch
 
-from crl.strategies import Host, Strategy, make_strategy
+from crl.strategies import Batch, Host, Strategy, make_strategy
 
 #: SB3 versions whose ``SAC.train`` / ``PPO.train`` our overrides were checked against.
 SB3_MIN, SB3_MAX_EXCLUSIVE = (2, 9), (2, 10)
@@ -185,6 +185,11 @@ class ContinualAgent:
             yield
 
     # -- divergence --------------------------------------------------------------------
+    def probe_batches(self) -> Iterator[Batch]:
+        """The running task's data for the plasticity probe (:class:`crl.plasticity.Probe`):
+        the task's own batches, drawn without touching any random stream training uses."""
+        return self.task_batches()  # type: ignore[attr-defined]
+
     def check_finite_losses(self, total: torch.Tensor | float,
                             terms: Mapping[str, torch.Tensor | float | None]) -> None:
         """Raise :class:`NonFiniteLossError` if ``total`` (the sum of the update's losses)

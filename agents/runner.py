@@ -77,7 +77,8 @@ from crl.checkpoint import (
     set_rng_state,
 )
 from crl.metrics import summarize
-from crl.plots import plot_task_curves
+from crl.plasticity import Probe
+from crl.plots import plot_plasticity, plot_task_curves
 from crl.runs import (
     RunFailed,
     check_metrics_rows,
@@ -314,6 +315,12 @@ def _record_failure(run_dir: Path, exc: BaseException, ckpt_file: Path,
         "strength", task=task, step=step)
 
 
+def _probe(config: RunConfig) -> Probe | None:
+    if not config.plasticity:
+        return None
+    return Probe(tau=config.plasticity_tau, size=config.plasticity_probe)
+
+
 def _execute(plan: _Plan, path: Path, *, resume: _Resume | None = None,
              keep_agent: bool = False) -> RunResult:
     config, sequence = plan.config, plan.sequence
@@ -332,6 +339,7 @@ def _execute(plan: _Plan, path: Path, *, resume: _Resume | None = None,
             agent.set_logger(Logger(folder=None, output_formats=[writer]))
             record = EvalRecord(tuple(range(sequence.num_tasks)))
             start, timings_before = None, None
+            probe = _probe(config)
         else:
             env, agent, writer = resume.env, resume.agent, resume.writer
             writer.tracker = tracker
@@ -339,6 +347,9 @@ def _execute(plan: _Plan, path: Path, *, resume: _Resume | None = None,
             record = EvalRecord(**{**saved["record"], "tasks": tuple(saved["record"]["tasks"])})
             start = Position(**saved["position"])
             timings_before = saved["timings"]
+            probe = _probe(config)
+            if probe is not None and saved.get("plasticity") is not None:
+                probe.load_state_dict(saved["plasticity"])
         ckpt_file = checkpoint_path(tracker.run_dir)
         last: dict[str, Any] = {"position": None, "step": None}
         if resume is not None:
@@ -353,6 +364,7 @@ def _execute(plan: _Plan, path: Path, *, resume: _Resume | None = None,
                                      sequence=sequence.name),
                 "rng": rng_state(), "record": dataclasses.asdict(record), "timings": timings,
                 "tracker_rows": tracker.rows,
+                "plasticity": None if probe is None else probe.state_dict(),
             })
             last.update(position=position, step=step)
 
@@ -367,7 +379,7 @@ def _execute(plan: _Plan, path: Path, *, resume: _Resume | None = None,
                     task_names=sequence.task_names, progress=config.progress,
                     desc=f"{config.agent}/{config.method} on {sequence.name}",
                     checkpoint=write_checkpoint, checkpoint_every=config.checkpoint_every,
-                    start=start, timings=timings_before, writer=writer,
+                    start=start, timings=timings_before, writer=writer, probe=probe,
                 )
         except Exception as exc:
             failed = _record_failure(tracker.run_dir, exc, ckpt_file, last, stages, names)
@@ -402,6 +414,16 @@ def _execute(plan: _Plan, path: Path, *, resume: _Resume | None = None,
                                          f"{config.method} (seed {config.seed})")
             tracker.log_image("task_curves", plot_path)
         rows = metric_rows(summary, history, names, config.forgetting_k)
+        if probe is not None:
+            summary["plasticity"] = probe.history()
+            timings["plasticity_share"] = (timings["plasticity_seconds"]
+                                           / max(timings["total_seconds"], 1e-9))
+            curves = plot_plasticity(probe.history(), list(sequence.stage_ends),
+                                     tracker.run_dir / "plots" / "plasticity.png",
+                                     title=f"{sequence.name}: {config.agent} + {config.method} "
+                                     f"(seed {config.seed})")
+            if curves is not None:
+                tracker.log_image("plasticity", curves)
         summary |= {"table": rows, "timings": timings, "eval": record.to_dict(),
                     "eval_share": timings["eval_seconds"] / max(timings["total_seconds"], 1e-9),
                     "env_steps": int(agent.num_timesteps),

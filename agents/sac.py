@@ -285,9 +285,17 @@ class ContinualSAC(ContinualAgent, SAC):
             self.replay_buffer.current_task = self.current_task
 
     # -- data of the finished task -------------------------------------------------------
-    def task_batches(self) -> Iterator[Batch]:
+    def probe_batches(self) -> Iterator[Batch]:
+        """The running task's transitions drawn with a generator of their own (seed, task):
+        the importance generator must draw the same samples whether or not a probe ran."""
+        task = -1 if self.current_task is None else int(self.current_task)
+        rng = np.random.default_rng([int(self.seed or 0), task + 1])
+        return self.task_batches(rng)
+
+    def task_batches(self, rng: np.random.Generator | None = None) -> Iterator[Batch]:
         """Up to ``importance_samples`` transitions of the running task, without replacement,
-        from the replay buffer, as dict batches (obs, actions, next_obs, rewards, dones)."""
+        from the replay buffer, as dict batches (obs, actions, next_obs, rewards, dones);
+        drawn with ``rng`` (default: the agent's importance generator)."""
         buf = self.replay_buffer
         if not isinstance(buf, ReplayBuffer) or isinstance(buf.observations, dict):
             raise TypeError(
@@ -302,7 +310,7 @@ class ContinualSAC(ContinualAgent, SAC):
         n = min(self.importance_samples, len(slots))
         if n == 0:
             return
-        rng = self._importance_rng
+        rng = self._importance_rng if rng is None else rng
         chosen = rng.choice(slots, size=n, replace=False)
         envs = rng.integers(0, buf.n_envs, size=n)
         for start in range(0, n, self.importance_batch_size):

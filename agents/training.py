@@ -33,6 +33,7 @@ from crl.metric_keys import (
     rl_task_key,
 )
 from crl.metrics import EvalHistory
+from crl.plasticity import Probe
 from crl.tracking import RunTracker
 
 if TYPE_CHECKING:
@@ -175,14 +176,19 @@ def train_stages(agent: Any, stages: Sequence[Stage], evaluator: BatchedEvaluato
                   checkpoint: Callable[[Position, dict[str, float]], None] | None = None,
                   checkpoint_every: int = 0, start: Position | None = None,
                   timings: Mapping[str, float] | None = None,
-                  writer: TrackerWriter | None = None) -> dict[str, float]:
+                  writer: TrackerWriter | None = None,
+                  probe: Probe | None = None) -> dict[str, float]:
     """The core loop shared by continual runs and single-task reference runs.
 
     ``checkpoint(position, timings)`` writes a checkpoint (None: none are taken); ``start``
-    and ``timings`` continue a run from a checkpoint's position and timings.
+    and ``timings`` continue a run from a checkpoint's position and timings. ``probe``
+    measures the plasticity metrics (:mod:`crl.plasticity`) on the running task's probe
+    batch at every evaluation, logged with it (its time is part of ``eval_seconds`` and
+    counted apart as ``plasticity_seconds``).
     """
     timings_now: dict[str, float] = {"eval_seconds": 0.0, "eval_count": 0,
                                      "checkpoint_seconds": 0.0, "checkpoint_count": 0,
+                                     "plasticity_seconds": 0.0,
                                      "total_seconds": 0.0, **(timings or {})}
     ends = list(np.cumsum([s.steps for s in stages]).astype(int))
     starts = [0, *ends[:-1]]
@@ -199,7 +205,8 @@ def train_stages(agent: Any, stages: Sequence[Stage], evaluator: BatchedEvaluato
     def evaluate(step: int) -> None:
         t0 = time.perf_counter()
         result = evaluator.evaluate(agent)
-        timings_now["eval_seconds"] += time.perf_counter() - t0
+        elapsed_eval = time.perf_counter() - t0
+        timings_now["eval_seconds"] += elapsed_eval
         timings_now["eval_count"] += 1
         scores = record.add(step, result, normalizer)
         row: dict[str, Any] = {}
@@ -216,6 +223,12 @@ def train_stages(agent: Any, stages: Sequence[Stage], evaluator: BatchedEvaluato
             row[RL_AVERAGE_SCORE] = float(scores.mean())
         if np.all(np.isfinite(result.success_rates)):
             row["test/deterministic/average_success"] = float(result.success_rates.mean())
+        if probe is not None:
+            t1 = time.perf_counter()
+            row.update(probe.measure(agent.host, stages[current["stage"]].task, step,
+                                     batches=agent.probe_batches))
+            timings_now["plasticity_seconds"] += time.perf_counter() - t1
+        timings_now["eval_seconds"] += time.perf_counter() - t0 - elapsed_eval
         log(row, step)
 
     def write(position: Position) -> None:

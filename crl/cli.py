@@ -318,6 +318,20 @@ def _run_dir_options(path_note: str, every: str) -> list[click.Option]:
     ]
 
 
+def _plasticity_options(when: str) -> list[click.Option]:
+    """The plasticity metrics' options (crl/plasticity.py), shared by RL and supervised."""
+    return [
+        click.Option(["--plasticity/--no-plasticity", "plasticity"], default=None,
+                     help=f"Measure dormant units, feature rank, |w| and gradient norms at "
+                     f"every {when} (plasticity/ keys). [on]"),
+        click.Option(["--plasticity-tau"], type=float,
+                     help="A unit is dormant when its activity is at most tau x its layer's "
+                     "mean (Sokar et al. 2023). [0.025]"),
+        click.Option(["--plasticity-probe"], type=click.IntRange(min=2),
+                     help="Samples of each task in its fixed probe batch. [256]"),
+    ]
+
+
 def _supervised_run_options() -> list[click.Option]:
     """Run-directory options of `crl supervised`: resume, exact path, checkpoints, threads."""
     return [
@@ -325,6 +339,7 @@ def _supervised_run_options() -> list[click.Option]:
         click.Option(["--torch-threads"], type=click.IntRange(min=1),
                      help="torch intra-op threads; pin it for bit-exact resumes. "
                      "[torch's default]"),
+        *_plasticity_options("task end"),
     ]
 
 
@@ -554,7 +569,8 @@ RUN_CONFIG_DESTS = (
     "eval_max_steps",
     "forgetting_k", "device", "torch_threads", "run_dir", "wandb", "wandb_project", "group",
     "reference_dir", "reference_seed", "require_references", "random_episodes", "progress",
-    "save_model", "checkpoint_every", "checkpoint_buffer", "run_path",
+    "save_model", "checkpoint_every", "checkpoint_buffer", "run_path", "plasticity",
+    "plasticity_tau", "plasticity_probe",
 )
 
 
@@ -626,6 +642,7 @@ def _rl_options() -> list[click.Option]:
         opt(["--progress/--no-progress"], default=None),
         opt(["--save-model/--no-save-model", "save_model"], default=None,
             help="Write checkpoints/agent.zip and the strategy state. [save]"),
+        *_plasticity_options("evaluation"),
     ]
     opts.extend(_method_flag_options("train"))
     return opts

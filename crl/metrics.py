@@ -348,6 +348,25 @@ def new_task_gain_from_history(history: EvalHistory, k: int = 5) -> np.ndarray:
     return out
 
 
+def end_of_task_scores(history: EvalHistory, k: int = 5) -> np.ndarray:
+    """E_i = mean of p_i at the last k evaluations inside task i's window: what each task
+    reached by the end of its own training (the end value forgetting starts from)."""
+    if k < 1:
+        raise ValueError(f"end_of_task_scores: k must be >= 1, got {k}.")
+    return np.array([_window_scores(history, i, i)[-k:].mean() for i in range(history.n_tasks)])
+
+
+def plasticity_slope(end_scores: ArrayLike) -> float:
+    """Least-squares slope of the end-of-task scores over the task index: below zero when
+    each new task ends lower than the ones before (loss of plasticity, Dohare et al. 2024),
+    whatever happens to the old tasks. nan for fewer than two tasks. Comparable across
+    sequences only where the tasks are of one difficulty (permuted MNIST, ``--cycles``)."""
+    y = np.asarray(end_scores, dtype=float).ravel()
+    if y.size < 2 or not np.all(np.isfinite(y)):
+        return float("nan")
+    return float(np.polyfit(np.arange(y.size, dtype=float), y, 1)[0])
+
+
 def auc(history: EvalHistory, task: int) -> float:
     """Mean of p_task over the evaluations inside task's window [start, end] (inclusive).
 
@@ -444,8 +463,9 @@ def summarize(
     P(t) over all evaluations), ``auc`` (per task), ``forgetting`` (per task i < N-1) and
     ``mean_forgetting``, ``new_task_gain`` (per task i > 0) and ``mean_new_task_gain``,
     ``forward_transfer`` (per task) and ``mean_forward_transfer``
-    (mean over tasks where FT is defined). Where a metric cannot be computed its value is
-    nan / None and ``<metric>_reason`` says why.
+    (mean over tasks where FT is defined), ``end_of_task_score`` (per task) and
+    ``plasticity_slope`` (their slope over the task index). Where a metric cannot be
+    computed its value is nan / None and ``<metric>_reason`` says why.
     """
     P = performance_curve(history)
     out: dict[str, Any] = {
@@ -454,6 +474,11 @@ def summarize(
         "performance_auc": float(P.mean()),
         "auc": [auc(history, i) for i in range(history.n_tasks)],
     }
+    ends = end_of_task_scores(history, k=k)
+    out["end_of_task_score"] = ends.tolist()
+    out["plasticity_slope"] = plasticity_slope(ends)
+    if history.n_tasks < 2:
+        out["plasticity_slope_reason"] = "a single task has no trend"
     for key, values, why in (
         ("forgetting", forgetting_from_history(history, k=k),
          "a single task cannot be forgotten"),

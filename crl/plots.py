@@ -176,3 +176,46 @@ def plot_task_curves(
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
     ax.grid(alpha=0.3)
     return _save(fig, path)
+
+
+#: the plasticity metric families, in panel order: (key prefix, panel title)
+PLASTICITY_PANELS: tuple[tuple[str, str], ...] = (
+    ("plasticity/dormant", "dormant units (fraction)"),
+    ("plasticity/srank", "effective rank of features"),
+    ("plasticity/weight_abs", "mean |w|"),
+    ("plasticity/grad_norm", "gradient norm"),
+)
+
+
+def plot_plasticity(
+    history: dict,
+    boundaries: Sequence[int],
+    path: str | Path,
+    title: str | None = None,
+) -> Path | None:
+    """One panel per plasticity metric over steps (a line per layer or network, the run-level
+    summary in black), with the task boundaries as vertical lines. ``history`` is
+    :meth:`crl.plasticity.Probe.history`; None when nothing was measured."""
+    steps = np.asarray(history.get("steps", []), dtype=float)
+    series: dict[str, list] = history.get("series", {})
+    if steps.size == 0 or not series:
+        return None
+    fig = _new_figure(11, 7)
+    axes = fig.subplots(2, 2).ravel()
+    for ax, (prefix, label) in zip(axes, PLASTICITY_PANELS, strict=True):
+        for key in sorted(series):
+            if key != prefix and not key.startswith(prefix + "/"):
+                continue
+            y = np.array([np.nan if v is None else v for v in series[key]], dtype=float)
+            summary = key == prefix
+            ax.plot(steps, y, color="black" if summary else None, lw=2.0 if summary else 1.0,
+                    label="all layers" if summary else key[len(prefix) + 1:])
+        for b in boundaries[:-1]:
+            ax.axvline(b, color="grey", lw=0.8, ls="--")
+        ax.set_title(label)
+        ax.set_xlabel("step")
+        if ax.lines:
+            ax.legend(fontsize=6, loc="best")
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)

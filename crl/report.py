@@ -36,7 +36,9 @@ from crl.metrics import (
     EvalHistory,
     average_performance,
     bootstrap_ci,
+    end_of_task_scores,
     new_task_gain_from_history,
+    plasticity_slope,
 )
 from crl.report_plots import (
     Band,
@@ -94,13 +96,24 @@ METRICS: dict[str, tuple[MetricSpec, ...]] = {
                    ("mean_new_task_gain_reason", "metrics_reason")),
         MetricSpec("forward_transfer", "mean_forward_transfer", "forward transfer",
                    ("forward_transfer_reason", "metrics_reason")),
+        MetricSpec("plasticity", "plasticity_slope", "plasticity slope",
+                   ("plasticity_slope_reason", "metrics_reason")),
     ),
     SUPERVISED: (
         MetricSpec("accuracy", "avg_acc", "accuracy"),
         MetricSpec("forgetting", "forgetting", "forgetting"),
         MetricSpec("fwt", "fwt", "FWT"),
+        MetricSpec("plasticity", "plasticity_slope", "plasticity slope"),
     ),
 }
+#: run-level plasticity series drawn by `crl report`: (file name part, y label, how a run's
+#: ``plasticity.series`` gives the value at each measurement)
+PLASTICITY_SERIES: tuple[tuple[str, str, str], ...] = (
+    ("dormant", "dormant units (fraction, all layers)", "plasticity/dormant"),
+    ("srank", "effective rank (mean over networks)", "plasticity/srank/"),
+    ("weight_abs", "mean |w| (all layers)", "plasticity/weight_abs"),
+    ("grad_norm", "gradient norm (all layers)", "plasticity/grad_norm/"),
+)
 KIND_TITLES = {RL: "RL runs", SUPERVISED: "Supervised runs"}
 
 
@@ -195,12 +208,36 @@ def _gain_from_curves(run: RunData) -> float | None:
     return _finite(float(np.mean(gains)))
 
 
+def _slope_from_results(run: RunData) -> float | None:
+    """The plasticity slope of a run whose results.json predates the metric: from the
+    accuracy matrix's diagonal (supervised) or the evaluations (RL, distinct tasks)."""
+    if run.kind != RL:
+        got = sl_matrix(run)
+        if got is None or got[0].shape[0] < 2:
+            return None
+        return _finite(plasticity_slope(np.diag(got[0])))
+    curves = rl_curves(run)
+    if curves is None or len(set(curves.schedule)) != len(curves.schedule) or len(
+            curves.schedule) < 2:
+        return None
+    try:
+        history = EvalHistory(curves.steps, curves.scores[:, curves.schedule],
+                              curves.stage_starts, curves.stage_ends[-1])
+        ends = end_of_task_scores(history, k=int(run.results.get("forgetting_k", 5)))
+    except (ValueError, IndexError):
+        return None
+    return _finite(plasticity_slope(ends))
+
+
 def metric_value(run: RunData, spec: MetricSpec) -> float | None:
-    """The run's value of a reported metric (None where undefined)."""
+    """The run's value of a reported metric (None where undefined); metrics added after a
+    run was made are computed from what its results.json holds."""
     value = _finite(run.results.get(spec.key))
-    if value is None and spec.key == "mean_new_task_gain" and run.kind == RL and (
-            spec.key not in run.results):
-        value = _gain_from_curves(run)
+    if value is None and spec.key not in run.results:
+        if spec.key == "mean_new_task_gain" and run.kind == RL:
+            value = _gain_from_curves(run)
+        elif spec.key == "plasticity_slope":
+            value = _slope_from_results(run)
     return value
 
 
@@ -616,6 +653,64 @@ def _sl_plots(rows: Sequence[ReportRow], by_source: Mapping[str, RunData], out_d
     return paths
 
 
+def _plasticity_values(series: Mapping[str, Sequence[float | None]], key: str
+                       ) -> np.ndarray | None:
+    """One run-level series: the named summary, or over a family's layers the mean (rank)
+    or the root of the sum of squares (gradient norm)."""
+    def arr(k: str) -> np.ndarray:
+        return np.array([np.nan if v is None else v for v in series[k]], dtype=float)
+
+    if not key.endswith("/"):
+        return arr(key) if key in series else None
+    members = [arr(k) for k in series if k.startswith(key)]
+    if not members:
+        return None
+    stacked = np.stack(members)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        if key.startswith("plasticity/grad_norm"):
+            return np.sqrt(np.nansum(stacked**2, axis=0))
+        return np.nanmean(stacked, axis=0)
+
+
+def _plasticity_plots(rows: Sequence[ReportRow], by_source: Mapping[str, RunData],
+                      out_dir: Path, slug: str, title: str, notes: list[str]) -> list[Path]:
+    """One figure per plasticity metric: each method's mean over seeds (with its band)
+    over steps, task boundaries dotted."""
+    paths = []
+    for name, label, key in PLASTICITY_SERIES:
+        bands: list[Band] = []
+        boundaries: list[int] = []
+        for row in rows:
+            steps, values = [], []
+            for src in row.runs:
+                run = by_source[src]
+                hist = run.results.get("plasticity") or {}
+                got = _plasticity_values(hist.get("series", {}), key)
+                if got is None or not len(hist.get("steps", [])):
+                    continue
+                steps.append(np.asarray(hist["steps"], dtype=float))
+                values.append(got.reshape(-1, 1))
+                if not boundaries:  # RL: the stage ends; supervised: measured at task ends
+                    curves = rl_curves(run) if run.kind == RL else None
+                    ends = curves.stage_ends if curves is not None else hist["steps"]
+                    boundaries = [int(b) for b in ends][:-1]
+            if not steps:
+                continue
+            try:
+                grid, stacked = align(steps, values)
+            except ValueError as exc:
+                notes.append(f"{title} / {row.method}: plasticity {name} not drawn ({exc})")
+                continue
+            bands.append(_band(row.method, grid, stacked[:, :, 0]))
+        if bands:
+            paths.append(plot_bands(
+                bands, out_dir / f"{slug}_plasticity_{name}.png", xlabel="step",
+                ylabel=label, boundaries=boundaries,
+                title=f"{title}: {label} ({CONFIDENCE:.0%} CI band)"))
+    return paths
+
+
 def make_plots(rows: Sequence[ReportRow], runs: Sequence[RunData], out_dir: Path
                ) -> tuple[list[Path], list[str]]:
     """Per setting (kind, sequence/benchmark, agent): curves, bars, matrices; the notes say
@@ -633,6 +728,7 @@ def make_plots(rows: Sequence[ReportRow], runs: Sequence[RunData], out_dir: Path
             paths += _rl_plots(members, by_source, out_dir, slug, title, notes)
         else:
             paths += _sl_plots(members, by_source, out_dir, slug, title, notes)
+        paths += _plasticity_plots(members, by_source, out_dir, slug, title, notes)
         paths.append(_bars_plot(members, out_dir / f"{slug}_metrics.png", title))
     return paths, notes
 

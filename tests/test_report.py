@@ -537,9 +537,15 @@ def test_end_to_end_two_real_runs_through_the_cli(tiny_mnist_dir: Path, tmp_path
     assert float(row["accuracy_high"]) == pytest.approx(hi)
     assert float(row["forgetting"]) == pytest.approx(np.mean([r["forgetting"] for r in results]))
     pngs = sorted(out.glob("*.png"))
-    assert len(pngs) == 3
+    # matrices, accuracy, metric bars, and one figure per plasticity metric (4)
+    assert len(pngs) == 7
+    assert {p.name.rsplit("_plasticity_", 1)[-1] for p in pngs if "_plasticity_" in p.name} == {
+        "dormant.png", "srank.png", "weight_abs.png", "grad_norm.png"}
     for p in pngs:
         assert_real_png(p)
+    # the plasticity slope is a reported metric: mean of the runs' own
+    assert float(row["plasticity"]) == pytest.approx(
+        np.mean([r["plasticity_slope"] for r in results]))
 
 
 def test_rl_labels_compare_with_the_agents_defaults(tmp_path: Path) -> None:

@@ -82,7 +82,10 @@ def test_run_directory_holds_the_results(summaries, tmp_path_factory, domain_spl
     assert [r["task"] for r in eval_rows] == [0, 1, 2, 3, 4]
     assert eval_rows[-1]["eval/avg_acc"] == pytest.approx(results["avg_acc"])
     pngs = sorted(p.name for p in (run_dir / "plots").glob("*.png"))
-    assert len(pngs) == 2 and all((run_dir / "plots" / p).stat().st_size > 1000 for p in pngs)
+    assert pngs == ["accuracy_matrix.png", "average_and_forgetting.png", "plasticity.png"]
+    assert all((run_dir / "plots" / p).stat().st_size > 1000 for p in pngs)
+    # the plasticity metrics ride on the task-end rows
+    assert all(0.0 <= r["plasticity/dormant"] <= 1.0 for r in eval_rows)
     assert not (run_dir / "wandb").exists()
 
 

@@ -48,7 +48,7 @@ from crl.checkpoint import (
 )
 from crl.config import check_seed
 from crl.metric_keys import SL_AVG_ACC, SL_AVG_ACC_SEEN, sl_acc_key
-from crl.plots import plot_average_and_forgetting
+from crl.plots import plot_average_and_forgetting, plot_plasticity
 from crl.runs import (
     RunFailed,
     check_metrics_rows,
@@ -180,11 +180,16 @@ def supervised_summary(result: SupervisedResult) -> dict[str, Any]:
         "seconds_total": float(np.sum(result.seconds_per_task)),
         "updates": result.updates,
     }
+    if result.plasticity is not None:
+        summary["plasticity"] = result.plasticity
     if R.shape[0] == R.shape[1] and R.shape[0] > 1:
         summary["forgetting"] = float(metrics.average_forgetting(R))
         summary["bwt"] = float(metrics.bwt(R))
         summary["fwt"] = float(metrics.fwt(R, result.initial))
         summary["accuracy_matrix"] = R.tolist()
+        ends = np.diag(R)  # each task's accuracy right after its own training
+        summary["end_of_task_score"] = ends.tolist()
+        summary["plasticity_slope"] = metrics.plasticity_slope(ends)
     else:  # joint training has no sequence, so no forgetting
         summary["forgetting"] = float("nan")
     return summary
@@ -372,13 +377,14 @@ def _execute(
     ) as tracker:
         model = _build_model(config, benchmark)
 
-        def on_task_end(i: int, accs: np.ndarray, updates: int) -> None:
+        def on_task_end(i: int, accs: np.ndarray, updates: int,
+                        plasticity: dict[str, float]) -> None:
             row: dict[str, Any] = {
                 sl_acc_key(n): float(a) for n, a in zip(task_names, accs, strict=True)
             }
             row |= {"task": i, SL_AVG_ACC_SEEN: float(np.mean(accs[: i + 1]))}
             row[SL_AVG_ACC] = float(np.mean(accs))
-            tracker.log(row, step=updates)
+            tracker.log(row | plasticity, step=updates)
 
         def on_update(updates: int, row: dict[str, float]) -> None:
             tracker.log(row, step=updates)
@@ -417,6 +423,14 @@ def _execute(
                 result.matrix, tracker.run_dir / "plots" / "average_and_forgetting.png"
             )
             tracker.log_image("average_and_forgetting", curves)
+        if result.plasticity is not None:
+            bounds = [int(s) for s in result.plasticity["steps"]]
+            curves = plot_plasticity(result.plasticity, bounds,
+                                     tracker.run_dir / "plots" / "plasticity.png",
+                                     title=f"{benchmark.name} {benchmark.scenario}: "
+                                     f"{config.method} (seed {config.seed})")
+            if curves is not None:
+                tracker.log_image("plasticity", curves)
         tracker.finish(summary)
     return ExperimentResult(config, result, summary, Path(run_dir))
 

@@ -30,11 +30,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from crl.checkpoint import CheckpointError, rng_state, set_rng_state
+from crl.plasticity import Probe
+from crl.plasticity import check_settings as check_plasticity
 from crl.strategies import Batch, Strategy
 from crl.supervised.benchmarks import Benchmark, Task, iterate_batches
 
 #: Called after every task with (task index, accuracies of all tasks, global update count).
-TaskEndCallback = Callable[[int, np.ndarray, int], None]
+#: (task, accuracies after it, updates so far, the plasticity metrics measured then)
+TaskEndCallback = Callable[[int, np.ndarray, int, dict[str, float]], None]
 #: Called every ``log_every`` updates with (update count, metrics).
 UpdateCallback = Callable[[int, dict[str, float]], None]
 #: Called with the trainer's checkpoint payload; must serialise it before returning.
@@ -61,8 +64,13 @@ class TrainerConfig:
     #: torch intra-op threads for the run (None: leave torch's setting). Part of the config
     #: because CPU results depend on it in the last bits; pin it for exact resumes.
     torch_threads: int | None = None
+    #: plasticity metrics (crl/plasticity.py) on each task's probe batch at its end
+    plasticity: bool = True
+    plasticity_tau: float = 0.025
+    plasticity_probe: int = 256
 
     def __post_init__(self) -> None:
+        check_plasticity(float(self.plasticity_tau), 0.01, self.plasticity_probe)
         for name in ("epochs", "batch_size", "importance_batch_size", "eval_batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
@@ -87,6 +95,8 @@ class SupervisedResult:
     initial: np.ndarray
     seconds_per_task: list[float] = field(default_factory=list)
     updates: int = 0
+    #: :meth:`crl.plasticity.Probe.history` (None: not measured)
+    plasticity: dict[str, Any] | None = None
 
 
 class ClassifierHost:
@@ -258,6 +268,7 @@ class _Run:
         self.position = Position()
         self.epoch_generator: torch.Tensor | None = None
         self.task_start = time.perf_counter()
+        self.probe: Probe | None = None
 
     def payload(self, optimizer: torch.optim.Optimizer, position: Position) -> dict[str, Any]:
         """The trainer's part of a checkpoint: plain tensors and numbers only.
@@ -283,6 +294,7 @@ class _Run:
             "task_seconds": time.perf_counter() - self.task_start if position.started else 0.0,
             "updates": self.updates,
             "position": position.as_dict(),
+            "plasticity": None if self.probe is None else self.probe.state_dict(),
         }
 
     def restore(self, state: Mapping[str, Any], optimizer: torch.optim.Optimizer,
@@ -334,6 +346,8 @@ class _Run:
         self.updates = int(state["updates"])
         self.position = pos
         self.task_start = time.perf_counter() - float(state["task_seconds"])
+        if self.probe is not None and state.get("plasticity") is not None:
+            self.probe.load_state_dict(state["plasticity"])
         set_rng_state(state["rng"])  # last: nothing above may draw from the global RNGs
 
     def epoch_batches(self, batches: Callable[[], Iterator[Batch]], epoch: int,
@@ -378,6 +392,8 @@ def run_sequence(
     strategy.bind(host)
     n_tasks = len(benchmark.tasks)
     run = _Run("sequence", model, strategy, generator, n_tasks, n_tasks)
+    if config.plasticity:
+        run.probe = Probe(config.plasticity_tau, size=config.plasticity_probe)
     optimizer = make_optimizer(host.trained_parameters(), config)
 
     def n_batches(i: int) -> int:
@@ -426,11 +442,18 @@ def run_sequence(
         run.seconds.append(time.perf_counter() - run.task_start)
         run.matrix[i] = evaluate_all(model, benchmark, strategy, config.eval_batch_size)
         run.rows_done = i + 1
+        measured: dict[str, float] = {}
+        if run.probe is not None:
+            measured = run.probe.measure(
+                host, i, run.updates,
+                # its own seed: the training generator must not see the probe
+                batches=lambda task=task, i=i: task.batches(config.plasticity_probe, seed=i))
         if on_task_end is not None:
-            on_task_end(i, run.matrix[i], run.updates)
+            on_task_end(i, run.matrix[i], run.updates, measured)
         if on_checkpoint is not None:
             on_checkpoint(run.payload(optimizer, Position(i + 1)))
-    return SupervisedResult(strategy.name, run.matrix, run.initial, run.seconds, run.updates)
+    return SupervisedResult(strategy.name, run.matrix, run.initial, run.seconds, run.updates,
+                            None if run.probe is None else run.probe.history())
 
 
 def run_joint(
