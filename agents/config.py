@@ -18,7 +18,7 @@ from agents.evaluation import (
 )
 from crl.config import check_seed
 from crl.plasticity import check_settings as check_plasticity
-from crl.strategies import strategy_class
+from crl.strategies import check_method
 
 if TYPE_CHECKING:
     from envs.sequence import TaskSequence
@@ -91,8 +91,10 @@ class RunConfig:
         self.agent = str(self.agent).strip().lower()
         if self.agent not in AGENTS:
             raise ConfigError(f"unknown agent {self.agent!r}; choose one of: {', '.join(AGENTS)}")
-        self.method = str(self.method).strip().lower()
-        strategy_class(self.method)  # unknown methods fail before any work is done
+        try:  # unknown methods fail before any work is done
+            self.method = check_method(str(self.method))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         try:
             check_seed(self.seed)
         except ValueError as exc:

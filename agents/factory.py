@@ -13,6 +13,7 @@ from gymnasium import spaces
 
 from agents.config import AGENTS, ON_POLICY, ConfigError, RunConfig
 from agents.method_defaults import rl_method_options
+from crl.strategies import method_members, user_options
 
 if TYPE_CHECKING:
     from envs.sequence import TaskSequence
@@ -62,7 +63,8 @@ def check_method_options(config: RunConfig, sequence: TaskSequence) -> None:
     from agents.continual import build_strategy
 
     options = rl_method_options(config.agent, config.method,
-                                config.method_options.get(config.method), config.agent_options)
+                                user_options(config.method_options, config.method),
+                                config.agent_options)
     try:
         if config.agent == "ppo":
             from agents.ppo import replay_as_distillation
@@ -70,8 +72,10 @@ def check_method_options(config: RunConfig, sequence: TaskSequence) -> None:
             options = replay_as_distillation(config.method, options) or options
         build_strategy(config.method, options, sequence.num_tasks, config.seed)
     except (ValueError, TypeError) as exc:
-        given = sorted(config.method_options.get(config.method) or {})
-        flags = ", ".join(f"--{config.method}-{k.replace('_', '-')}" for k in given)
+        given = [(config.method, k) for k in config.method_options.get(config.method) or {}]
+        given += [(m, k) for m in method_members(config.method) if m != config.method
+                  for k in config.method_options.get(m) or {}]
+        flags = ", ".join(f"--{m}-{k.replace('_', '-')}" for m, k in sorted(given))
         raise ConfigError(f"{config.method}: {exc}" + (f" (options given: {flags})" if flags
                                                         else "")) from exc
 
@@ -123,7 +127,8 @@ def make_agent(config: RunConfig, env: Any, sequence: TaskSequence, *, method: s
     return cls(
         policy, env,
         strategy=method,
-        strategy_options=rl_method_options(config.agent, method, config.method_options.get(method),
+        strategy_options=rl_method_options(config.agent, method,
+                                           user_options(config.method_options, method),
                                            config.agent_options),
         num_tasks=sequence.num_tasks,
         seed=config.seed if seed is None else seed,

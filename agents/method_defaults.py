@@ -80,9 +80,18 @@ def rl_method_options(
     user_options: Mapping[str, Any] | None = None,
     agent_options: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The options ``method`` is built with for ``agent``: RL defaults < the user's options."""
+    """The options ``method`` is built with for ``agent``: RL defaults < the user's options.
+    For a combination (``ewc+redo``) ``user_options`` and the result hold one entry per
+    member (:func:`crl.strategies.user_options`)."""
     if agent not in RL_METHOD_DEFAULTS:
         raise ValueError(f"unknown agent {agent!r}; choose one of: {', '.join(RL_METHOD_DEFAULTS)}")
+    from crl.strategies import method_members
+
+    members = method_members(method)
+    if len(members) > 1:
+        given = dict(user_options or {})
+        return {m: rl_method_options(agent, m, given.get(m), agent_options) for m in members}
+    method = members[0]
     options = dict(RL_METHOD_DEFAULTS[agent].get(method, {}))
     if method == "agem":
         options["batch_size"] = agent_batch_size(agent, agent_options or {})

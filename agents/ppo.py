@@ -41,6 +41,7 @@ from torch import nn
 
 from agents.continual import ContinualAgent, check_num_tasks, check_sb3_version
 from agents.ppo_policy import MultiHeadActorCriticPolicy, MultiHeadMultiInputPolicy
+from crl.strategies import JOIN, method_members
 from crl.strategies.base import Batch, Strategy
 from crl.strategies.replay import Replay
 
@@ -474,6 +475,13 @@ def replay_as_distillation(
         if strategy.mode != "distill":
             raise ValueError(f"Replay(mode={strategy.mode!r}) does not fit PPO. {fix}")
         return options
+    if isinstance(strategy, str) and JOIN in strategy:  # a combination: its replay member
+        members = method_members(strategy)
+        if "replay" not in members:
+            return options
+        opts = dict(options or {})
+        opts["replay"] = replay_as_distillation("replay", opts.get("replay"))
+        return opts
     if isinstance(strategy, str) and strategy.strip().lower() == "replay":
         opts = dict(options or {})
         mode = opts.setdefault("mode", "distill")

@@ -88,6 +88,7 @@ from crl.runs import (
     read_run_config,
     record_run_failure,
 )
+from crl.strategies import user_options
 from crl.tracking import RunTracker, to_builtin
 
 if TYPE_CHECKING:
@@ -160,7 +161,7 @@ def _plan(config: RunConfig, bounds: Mapping[str, Any] | None = None) -> _Plan:
         "schedule": list(sequence.schedule), "steps_per_task_resolved": list(sequence.stage_steps),
         "score_bounds": normalizer.to_dict(),
         "method_options_resolved": rl_method_options(
-            config.agent, config.method, config.method_options.get(config.method),
+            config.agent, config.method, user_options(config.method_options, config.method),
             config.agent_options),
     }
     group = config.group or f"{sequence.name}-{config.agent}"

@@ -41,7 +41,8 @@ def _supervised_options() -> list[click.Option]:
                          f"{b}: {s}" for b, s in DEFAULT_SCENARIO.items()) + ")."),
         click.Option(["--tasks"], type=click.IntRange(min=1), help="Number of tasks."),
         click.Option(["--method"], type=str, help="finetune, l2, ewc, mas, packnet, agem, "
-                     "replay, or joint (multi-task upper bound). [finetune]"),
+                     "replay, or joint (multi-task upper bound); plasticity interventions "
+                     "l2init, snp, redo, cbp, alone or combined: ewc+redo. [finetune]"),
         click.Option(["--methods"], type=str, help="Comma list: run a comparison."),
         click.Option(["--seed"], type=int, help="[0]"),
         click.Option(["--seeds"], type=str, help="Comma list of seeds, e.g. 0,1,2."),
@@ -493,6 +494,10 @@ def list_group() -> None:
     """List what crl knows about."""
 
 
+COMBINE_NOTE = ("plasticity interventions (l2init, snp, redo, cbp) combine with any method "
+                "and with each other: --method ewc+redo (each member takes its own options)")
+
+
 @list_group.command("methods")
 def list_methods() -> None:
     """Methods and their options (CLI flag and default)."""
@@ -515,6 +520,7 @@ def list_methods() -> None:
                 click.echo(f"{m}: --{mo.flag}  supervised: "
                            f"{method_default_text(mo, 'supervised')}  train: "
                            f"{method_default_text(mo, 'train')}")
+        click.echo(COMBINE_NOTE)
         return
     for m in METHODS:
         if not by_method.get(m):
@@ -524,6 +530,7 @@ def list_methods() -> None:
                       escape(method_default_text(mo, "supervised")),
                       escape(method_default_text(mo, "train")))
     console.print(t)
+    console.print(COMBINE_NOTE)
 
 
 @list_group.command("sequences")
@@ -583,8 +590,9 @@ def _rl_options() -> list[click.Option]:
         opt(["--sequence"], type=str, help="Built-in sequence name (crl list sequences) or a "
             "YAML sequence file. [CartPoleSwap]"),
         opt(["--agent"], type=str, help="sac or ppo. [ppo]"),
-        opt(["--method"], type=str, help="finetune, l2, ewc, mas, packnet, agem, replay. "
-            "[finetune]"),
+        opt(["--method"], type=str, help="finetune, l2, ewc, mas, packnet, agem, replay; "
+            "plasticity interventions l2init, snp, redo, cbp, alone or combined with a "
+            "method: ewc+redo. [finetune]"),
         opt(["--steps-per-task"], type=click.IntRange(min=1),
             help="Env steps per task. [the sequence's own]"),
         opt(["--cycles"], type=click.IntRange(min=1),

@@ -269,6 +269,7 @@ class _Run:
         self.epoch_generator: torch.Tensor | None = None
         self.task_start = time.perf_counter()
         self.probe: Probe | None = None
+        self.probe_seconds = 0.0
 
     def payload(self, optimizer: torch.optim.Optimizer, position: Position) -> dict[str, Any]:
         """The trainer's part of a checkpoint: plain tensors and numbers only.
@@ -444,16 +445,21 @@ def run_sequence(
         run.rows_done = i + 1
         measured: dict[str, float] = {}
         if run.probe is not None:
+            t0 = time.perf_counter()
             measured = run.probe.measure(
                 host, i, run.updates,
                 # its own seed: the training generator must not see the probe
                 batches=lambda task=task, i=i: task.batches(config.plasticity_probe, seed=i))
+            run.probe_seconds += time.perf_counter() - t0
         if on_task_end is not None:
             on_task_end(i, run.matrix[i], run.updates, measured)
         if on_checkpoint is not None:
             on_checkpoint(run.payload(optimizer, Position(i + 1)))
+    history = None
+    if run.probe is not None:  # the time of this process's measurements (not the resumed part)
+        history = run.probe.history() | {"seconds": run.probe_seconds}
     return SupervisedResult(strategy.name, run.matrix, run.initial, run.seconds, run.updates,
-                            None if run.probe is None else run.probe.history())
+                            history)
 
 
 def run_joint(

@@ -1,0 +1,87 @@
+"""Several methods at once, e.g. ``ewc+redo``: a continual-learning method with a plasticity
+intervention, or any other combination, as one strategy with one checkpoint state.
+
+Hooks run in the order the methods are named; penalties add up; ``evaluation`` nests every
+member's context. The host-facing flags combine conservatively: the replay buffer is reset
+only if every member allows it, and the update is joint if any member needs it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from crl.strategies.base import Host, Strategy
+
+
+class Composite(Strategy):
+    """Members' hooks in order; ``name`` is their names joined by ``+``."""
+
+    def __init__(self, members: Sequence[Strategy]) -> None:
+        super().__init__()
+        if len(members) < 2:
+            raise ValueError("a combined method needs at least two methods, e.g. ewc+redo")
+        names = [m.name for m in members]
+        if len(set(names)) != len(names):
+            raise ValueError(f"a method appears twice in {'+'.join(names)}; name each once")
+        self.members = list(members)
+        self.name = "+".join(names)
+        self.resets_replay_buffer = all(m.resets_replay_buffer for m in members)
+        self.needs_joint_update = any(m.needs_joint_update for m in members)
+
+    def bind(self, host: Host) -> Composite:
+        super().bind(host)
+        for m in self.members:
+            m.bind(host)
+        return self
+
+    def on_task_start(self, task: int) -> None:
+        super().on_task_start(task)
+        for m in self.members:
+            m.on_task_start(task)
+
+    def penalty(self) -> torch.Tensor | None:
+        terms = [p for p in (m.penalty() for m in self.members) if p is not None]
+        if not terms:
+            return None
+        total = terms[0]
+        for t in terms[1:]:
+            total = total + t
+        return total
+
+    def before_optimizer_step(self) -> None:
+        for m in self.members:
+            m.before_optimizer_step()
+
+    def after_optimizer_step(self) -> None:
+        for m in self.members:
+            m.after_optimizer_step()
+
+    def on_task_end(self, task: int) -> None:
+        super().on_task_end(task)
+        for m in self.members:
+            m.on_task_end(task)
+
+    @contextlib.contextmanager
+    def evaluation(self, task: int) -> Iterator[None]:
+        with contextlib.ExitStack() as stack:
+            for m in self.members:
+                stack.enter_context(m.evaluation(task))
+            yield
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["members"] = {m.name: m.state_dict() for m in self.members}
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        saved = list(state["members"])
+        if saved != [m.name for m in self.members]:
+            raise ValueError(f"the checkpoint holds methods {'+'.join(saved)}, this strategy "
+                             f"is {self.name}; build it with the same methods in that order")
+        super().load_state_dict(state)
+        for m in self.members:
+            m.load_state_dict(state["members"][m.name])
