@@ -208,6 +208,8 @@ def test_method_names_and_options_of_a_combination():
         check_method("ewc+ewc")
     with pytest.raises(ValueError, match="empty part"):
         check_method("ewc+")
+    with pytest.raises(ValueError, match="packnet cannot be combined with redo"):
+        make_strategy("packnet+redo", num_tasks=2)
     per = {"ewc": {"lam": 3.0}, "redo": {"every": 7}, "mas": {"lam": 1.0}}
     assert user_options(per, "ewc+redo") == {"ewc": {"lam": 3.0}, "redo": {"every": 7}}
     assert user_options(per, "ewc") == {"lam": 3.0}

@@ -16,6 +16,9 @@ import torch
 
 from crl.strategies.base import Host, Strategy
 
+#: interventions that overwrite weights outside the optimiser step
+REWRITE_WEIGHTS = ("snp", "redo", "cbp")
+
 
 class Composite(Strategy):
     """Members' hooks in order; ``name`` is their names joined by ``+``."""
@@ -27,6 +30,12 @@ class Composite(Strategy):
         names = [m.name for m in members]
         if len(set(names)) != len(names):
             raise ValueError(f"a method appears twice in {'+'.join(names)}; name each once")
+        rewrites = [n for n in names if n in REWRITE_WEIGHTS]
+        if "packnet" in names and rewrites:
+            raise ValueError(
+                f"packnet cannot be combined with {', '.join(rewrites)}: PackNet keeps each "
+                "finished task's weights frozen and these interventions rewrite weights; use "
+                "l2init with packnet, or an intervention with another method")
         self.members = list(members)
         self.name = "+".join(names)
         self.resets_replay_buffer = all(m.resets_replay_buffer for m in members)
