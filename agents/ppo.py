@@ -324,7 +324,8 @@ class ContinualPPO(ContinualAgent, PPO):
         for epoch in range(self.n_epochs):
             approx_kl_divs = []
             for data in self.rollout_buffer.get(self.batch_size):
-                losses = self.batch_losses(_rollout_batch(data), clip_range, clip_range_vf)
+                batch = _rollout_batch(data)
+                losses = self.batch_losses(batch, clip_range, clip_range_vf)
                 pg_losses.append(losses.policy.item())
                 clip_fractions.append(
                     torch.mean((torch.abs(losses.ratio - 1) > clip_range).float()).item()
@@ -332,7 +333,7 @@ class ContinualPPO(ContinualAgent, PPO):
                 value_losses.append(losses.value.item())
                 entropy_losses.append(losses.entropy.item())
                 loss = losses.total
-                penalty = strategy.penalty()
+                penalty = strategy.penalty(batch)
                 if penalty is not None:
                     loss = loss + penalty
                     penalties.append(penalty.detach())
@@ -381,10 +382,8 @@ class ContinualPPO(ContinualAgent, PPO):
             self.logger.record("train/clip_range_vf", clip_range_vf)
         if penalties:
             self.logger.record(self.penalty_log_key, torch.stack(penalties).mean().item())
-        stats = getattr(strategy, "stats", None)
-        if callable(stats):
-            for key, value in stats().items():
-                self.logger.record(f"train/{key}", value)
+        for key, value in strategy.diagnostics().items():
+            self.logger.record(f"train/{key}", value)
 
     @property
     def penalty_log_key(self) -> str:

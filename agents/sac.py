@@ -402,8 +402,8 @@ class ContinualSAC(ContinualAgent, SAC):
         return losses
 
     # -- updates ---------------------------------------------------------------------------
-    def _penalty(self) -> torch.Tensor | None:
-        return self.strategy.penalty()
+    def _penalty(self, batch: Batch) -> torch.Tensor | None:
+        return self.strategy.penalty(batch)
 
     def _sequential_update(self, batch: Batch) -> tuple[SACLosses, torch.Tensor | None]:
         """SB3's order: temperature, critic (with the old actor), actor (with the new critic).
@@ -427,7 +427,7 @@ class ContinualSAC(ContinualAgent, SAC):
                 self.ent_coef_optimizer.step()
             critic_loss = losses.critic_loss
             if self.regularize_critic:
-                penalty = self._penalty()
+                penalty = self._penalty(batch)
                 if penalty is not None:
                     critic_loss = critic_loss + penalty
             self.critic.optimizer.zero_grad()
@@ -438,7 +438,7 @@ class ContinualSAC(ContinualAgent, SAC):
 
         losses = self.batch_losses(batch, step_critic)
         assert losses.actor_loss is not None
-        penalty = self._penalty()
+        penalty = self._penalty(batch)
         actor_loss = losses.actor_loss if penalty is None else losses.actor_loss + penalty
         self.actor.optimizer.zero_grad()
         actor_loss.backward()
@@ -456,7 +456,7 @@ class ContinualSAC(ContinualAgent, SAC):
         optimizers = self._optimizers()
         for optimizer in optimizers.values():
             optimizer.zero_grad()
-        penalty = self._penalty()
+        penalty = self._penalty(batch)
         # The actor loss reaches only the actor, the critic loss only the critic; the penalty
         # reaches what it protects (the critic trunk only with regularize_critic).
         total = losses.critic_loss + losses.actor_loss
@@ -536,6 +536,8 @@ class ContinualSAC(ContinualAgent, SAC):
             self.logger.record("train/ent_coef_loss", np.mean(ent_coef_losses))
         if penalties:
             self.logger.record("train/penalty", np.mean(penalties))
+        for key, value in self.strategy.diagnostics().items():
+            self.logger.record(f"train/{key}", value)
 
 
 def _check_spaces(env: Any) -> None:

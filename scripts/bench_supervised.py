@@ -39,6 +39,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "packnet": ("packnet", {}),
     "agem": ("agem", {}),
     "replay": ("replay", {}),
+    "si": ("si", {}),
+    "lwf": ("lwf", {}),
+    "der": ("der", {}),  # DER++ at the supervised defaults (beta 0.5)
     "joint": ("joint", {}),
 }
 #: setting -> (benchmark, scenario, tasks, epochs). Epochs give every setting about the same

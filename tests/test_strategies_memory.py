@@ -343,7 +343,7 @@ def test_agem_projection_on_an_mlp_matches_the_formula():
     after = sum((p.grad * r).sum() for p, r in zip(params, ref, strict=True))
     assert float(after) >= -1e-5
     assert agem.num_projections == 1
-    assert agem.stats()["agem/projection_rate"] == 1.0
+    assert agem.diagnostics()["agem/projection_rate"] == 1.0
 
 
 def test_agem_state_dict_round_trip():

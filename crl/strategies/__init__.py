@@ -18,6 +18,9 @@ METHODS: dict[str, str] = {
     "packnet": "crl.strategies.packnet:PackNet",
     "agem": "crl.strategies.agem:AGEM",
     "replay": "crl.strategies.replay:Replay",
+    "si": "crl.strategies.si:SI",
+    "lwf": "crl.strategies.lwf:LwF",
+    "der": "crl.strategies.der:DER",
     # plasticity interventions: alone, or combined with a method (ewc+redo)
     "l2init": "crl.strategies.l2init:L2Init",
     "snp": "crl.strategies.snp:ShrinkPerturb",

@@ -82,7 +82,7 @@ class AGEM(Strategy):
                     p.grad.sub_(step)
         self.num_projections += 1
 
-    def stats(self) -> dict[str, float]:
+    def diagnostics(self) -> dict[str, float]:
         """Counters for logging."""
         rate = self.num_projections / self.num_updates if self.num_updates else 0.0
         return {

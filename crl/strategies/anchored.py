@@ -14,8 +14,9 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributions import Distribution
 
-from crl.strategies.base import Host, Strategy
+from crl.strategies.base import Batch, Host, Strategy
 
 Tensors = dict[str, torch.Tensor]
 #: One quadratic term: (weights or None for w = 1, anchor).
@@ -172,7 +173,8 @@ class AnchoredPenalty(Strategy):
             anchor.append(mean.to(dtype))
         self._weights, self._anchor, self._offset = weights, anchor, offset
 
-    def penalty(self) -> torch.Tensor | None:
+    def penalty(self, batch: Batch | None = None,
+                outputs: Distribution | None = None) -> torch.Tensor | None:
         """λ Σ w (θ − θ*)²; None until a task has ended (nothing to protect yet)."""
         if not self._anchor:
             return None

@@ -4,9 +4,11 @@ A strategy never knows whether it protects a classifier or a policy. The host ha
 :class:`Host` adapter and calls the hooks of :class:`Strategy` in this order
 (docs/ARCHITECTURE.md, "Host/strategy contract"):
 
-``on_task_start`` -> per update: ``penalty`` (added to the loss), backward,
-``before_optimizer_step`` (edits ``.grad``), optimiser step, ``after_optimizer_step`` ->
-``on_task_end``; ``evaluation(task)`` wraps every evaluation of a task.
+``on_task_start`` -> per update: ``penalty(batch)`` (added to the loss; ``batch`` is the
+batch the host trains on in that update), backward, ``before_optimizer_step`` (edits
+``.grad``), optimiser step, ``after_optimizer_step`` -> ``on_task_end``;
+``evaluation(task)`` wraps every evaluation of a task. Hosts log ``diagnostics()`` with
+their own training metrics (under ``train/``).
 
 Batches are mappings of tensors that share their leading (batch) dimension, e.g.
 ``{"x": ..., "y": ..., "task": ...}`` for a classifier or an SB3 replay sample turned into a
@@ -97,9 +99,19 @@ class Strategy:
     def on_task_start(self, task: int) -> None:
         self.current_task = task
 
-    def penalty(self) -> torch.Tensor | None:
-        """Extra loss for the protected network; ``None`` means nothing to add."""
+    def penalty(self, batch: Batch | None = None,
+                outputs: torch.distributions.Distribution | None = None
+                ) -> torch.Tensor | None:
+        """Extra loss for this update; ``None`` means nothing to add. ``batch``: the batch the
+        host trains on (None where a host calls without one); ``outputs``: the model's output
+        distribution on it as the host computed it for its own loss, graph attached (None:
+        a strategy that needs it calls ``host.output_distribution(batch)``)."""
         return None
+
+    def diagnostics(self) -> dict[str, float]:
+        """The strategy's own numbers for the training log (e.g. A-GEM's projection rate),
+        read by the hosts when they log; keys are prefixed with ``train/``."""
+        return {}
 
     def before_optimizer_step(self) -> None:
         pass

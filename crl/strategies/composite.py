@@ -13,8 +13,9 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
+from torch.distributions import Distribution
 
-from crl.strategies.base import Host, Strategy
+from crl.strategies.base import Batch, Host, Strategy
 
 #: interventions that overwrite weights outside the optimiser step
 REWRITE_WEIGHTS = ("snp", "redo", "cbp")
@@ -52,14 +53,21 @@ class Composite(Strategy):
         for m in self.members:
             m.on_task_start(task)
 
-    def penalty(self) -> torch.Tensor | None:
-        terms = [p for p in (m.penalty() for m in self.members) if p is not None]
+    def penalty(self, batch: Batch | None = None,
+                outputs: Distribution | None = None) -> torch.Tensor | None:
+        terms = [p for p in (m.penalty(batch, outputs) for m in self.members) if p is not None]
         if not terms:
             return None
         total = terms[0]
         for t in terms[1:]:
             total = total + t
         return total
+
+    def diagnostics(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for m in self.members:
+            out.update(m.diagnostics())
+        return out
 
     def before_optimizer_step(self) -> None:
         for m in self.members:

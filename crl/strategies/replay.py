@@ -24,40 +24,19 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from torch.distributions import Categorical, Distribution, Independent, Normal, kl_divergence
+from torch.distributions import Distribution
 
 from crl.strategies.base import Batch, Strategy
+from crl.strategies.distill import (
+    check_keys,
+    distribution_parameters,
+    kl_to,
+    rebuild_distribution,
+    split_stored,
+)
 from crl.strategies.memory import ReservoirMemory, check_positive_int, to_device
 
 MODES = ("rehearsal", "distill", "buffer")
-_OLD = "__replay_old_"  # prefix of the stored distribution parameters
-_LOGITS, _LOC, _SCALE = _OLD + "logits__", _OLD + "loc__", _OLD + "scale__"
-
-
-def distribution_parameters(dist: Distribution) -> tuple[str, int, dict[str, torch.Tensor]]:
-    """(kind, reinterpreted event dims, parameters) of a categorical or diagonal Gaussian."""
-    ndims = 0
-    base = dist
-    if isinstance(dist, Independent):
-        ndims = dist.reinterpreted_batch_ndims
-        base = dist.base_dist
-    if isinstance(base, Categorical) and ndims == 0:
-        return "categorical", 0, {_LOGITS: base.logits.detach()}
-    if isinstance(base, Normal):
-        loc, scale = torch.broadcast_tensors(base.loc.detach(), base.scale.detach())
-        return "normal", ndims, {_LOC: loc, _SCALE: scale}
-    raise TypeError(
-        f"replay distillation supports Categorical, Normal and Independent(Normal) outputs, "
-        f"got {type(dist).__name__}; make host.output_distribution return one of them"
-    )
-
-
-def rebuild_distribution(kind: str, ndims: int, params: Mapping[str, torch.Tensor]) -> Distribution:
-    """The stored old distribution, rebuilt from its parameters."""
-    if kind == "categorical":
-        return Categorical(logits=params[_LOGITS], validate_args=False)
-    normal = Normal(params[_LOC], params[_SCALE], validate_args=False)
-    return Independent(normal, ndims, validate_args=False) if ndims else normal
 
 
 class Replay(Strategy):
@@ -113,9 +92,7 @@ class Replay(Strategy):
         super().on_task_end(task)
 
     def _with_old_outputs(self, batch: Batch) -> dict[str, torch.Tensor]:
-        clash = [k for k in batch if k.startswith(_OLD)]
-        if clash:
-            raise ValueError(f"batch keys {clash} collide with replay's reserved prefix {_OLD!r}")
+        check_keys(batch)
         with torch.no_grad():
             kind, ndims, params = distribution_parameters(self._host().output_distribution(batch))
         if self.dist_kind is not None and (kind, ndims) != (self.dist_kind, self.dist_ndims):
@@ -127,18 +104,18 @@ class Replay(Strategy):
         self.dist_kind, self.dist_ndims = kind, ndims
         return {**batch, **params}
 
-    def penalty(self) -> torch.Tensor | None:
+    def penalty(self, batch: Batch | None = None,
+                outputs: Distribution | None = None) -> torch.Tensor | None:
         if self.mode == "buffer" or len(self.memory) == 0:
             return None
         host = self._host()
         sample = to_device(self.memory.sample(self.batch_size), self._device())
         if self.mode == "rehearsal":
             return self.lam * host.loss(sample)
-        inputs = {k: v for k, v in sample.items() if not k.startswith(_OLD)}
+        inputs, stored = split_stored(sample)
         assert self.dist_kind is not None
-        old = rebuild_distribution(self.dist_kind, self.dist_ndims, sample)
-        new = host.output_distribution(inputs)
-        return self.lam * kl_divergence(old, new).mean()
+        old = rebuild_distribution(self.dist_kind, self.dist_ndims, stored)
+        return self.lam * kl_to(old, host.output_distribution(inputs))
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()

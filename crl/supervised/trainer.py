@@ -107,6 +107,7 @@ class ClassifierHost:
         self.config = config
         self.generator = generator
         self.task: Task | None = None
+        self._last: tuple[Batch, torch.Tensor] | None = None
 
     def protected_parameters(self) -> dict[str, nn.Parameter]:
         own = getattr(self.module, "protected_parameters", None)
@@ -121,7 +122,26 @@ class ClassifierHost:
         return self.task.batches(self.config.importance_batch_size, generator=self.generator)
 
     def logits(self, batch: Batch) -> torch.Tensor:
-        return self.module(batch["x"], batch["task"])
+        logits = self.module(batch["x"], batch["task"])
+        self._last = (batch, logits)
+        return logits
+
+    def outputs_of(self, batch: Batch) -> torch.distributions.Distribution | None:
+        """The output distribution of the latest forward pass if it was on ``batch`` (the
+        training step hands it to the strategy instead of a second forward)."""
+        last = self._last
+        if last is None or last[0] is not batch:
+            return None
+        return torch.distributions.Categorical(logits=last[1], validate_args=False)
+
+    @property
+    def multi_head(self) -> bool:
+        """One output head per task (``with_task`` then selects another task's head)."""
+        return bool(getattr(self.module, "multi_head", False))
+
+    def with_task(self, batch: Batch, task: int) -> dict[str, torch.Tensor]:
+        """The batch as if its samples were of ``task`` (its head, for LwF)."""
+        return {**batch, "task": torch.full_like(batch["task"], task)}
 
     def output_distribution(self, batch: Batch) -> torch.distributions.Distribution:
         return torch.distributions.Categorical(logits=self.logits(batch), validate_args=False)
@@ -210,7 +230,7 @@ def _train_step(
     "Host/strategy contract"); returns the row to log."""
     optimizer.zero_grad(set_to_none=True)
     loss = host.loss(batch)
-    penalty = strategy.penalty()
+    penalty = strategy.penalty(batch, host.outputs_of(batch))
     total = loss if penalty is None else loss + penalty
     _check_finite(total, task, update)
     total.backward()
@@ -433,6 +453,7 @@ def run_sequence(
                 run.updates += 1
                 bar.update()
                 if on_update is not None and run.updates % config.log_every == 0:
+                    row |= {f"train/{k}": v for k, v in strategy.diagnostics().items()}
                     on_update(run.updates, row)
                 if on_checkpoint is not None and every and run.updates % every == 0:
                     on_checkpoint(run.payload(optimizer, Position(i, epoch, b + 1, True)))

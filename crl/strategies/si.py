@@ -1,0 +1,107 @@
+"""Synaptic Intelligence (Zenke, Poole & Ganguli 2017, "Continual Learning Through Synaptic
+Intelligence"): importance from the path integral of the gradient along training.
+
+During a task every update adds ω_k ← ω_k − g_k Δθ_k per protected parameter (g the gradient
+the optimiser steps with, Δθ the step it took): each parameter's contribution to the drop in
+loss. At the task's end Ω_k ← Ω_k + ω_k / ((θ_k − θ_k^start)² + ξ) with ξ the damping that
+keeps parameters that barely moved from exploding, ω is reset, and the anchored penalty
+λ Σ_k Ω_k (θ_k − θ_k*)² (no 1/2, :mod:`crl.strategies.anchored`) pulls towards the end of
+the task. The gradient is the host's total gradient (loss plus the penalty itself), as the
+optimiser sees it; Zenke et al. use the unregularised loss's. A parameter whose path integral
+is negative (it moved uphill overall) gets Ω 0, so Ω stays a valid weight. Costs per update:
+a copy of the protected parameters before the step and one fused multiply-add after it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from crl.strategies.anchored import AnchoredPenalty, Tensors, Term
+from crl.strategies.base import snapshot
+
+
+class SI(AnchoredPenalty):
+    """λ Σ Ω (θ − θ*)², Ω the damped path integral of −g Δθ over the finished tasks."""
+
+    name = "si"
+
+    def __init__(self, lam: float = 1.0, xi: float = 0.1) -> None:
+        super().__init__(lam)
+        if not (math.isfinite(xi) and xi > 0):
+            raise ValueError(f"si xi (damping) must be a number > 0 (Zenke et al.: 0.1 to 1e-3), "
+                             f"got {xi}")
+        self.xi = float(xi)
+        self.omega: Tensors | None = None  # the accumulated importance Ω
+        self.anchor: Tensors | None = None  # θ* at the end of the previous task
+        self._path: list[torch.Tensor] | None = None  # ω of the running task
+        self._start: list[torch.Tensor] | None = None  # θ at the task's start
+        self._before: list[torch.Tensor] | None = None  # θ before this update's step
+        self._grads: list[torch.Tensor] | None = None
+
+    def terms(self) -> list[Term]:
+        return [] if self.omega is None or self.anchor is None else [(self.omega, self.anchor)]
+
+    def _tensors(self) -> list[torch.nn.Parameter]:
+        return list(self._protected().values())
+
+    def on_task_start(self, task: int) -> None:
+        super().on_task_start(task)
+        params = self._tensors()
+        self._path = [torch.zeros_like(p, memory_format=torch.contiguous_format) for p in params]
+        self._start = [p.detach().clone() for p in params]
+
+    def before_optimizer_step(self) -> None:
+        if self._path is None:
+            return
+        params = self._tensors()
+        self._before = [p.detach().clone() for p in params]
+        self._grads = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
+                       for p in params]
+
+    def after_optimizer_step(self) -> None:
+        if self._path is None or self._before is None or self._grads is None:
+            return
+        params = [p.detach() for p in self._tensors()]
+        delta = torch._foreach_sub(params, self._before)
+        # ω ← ω − g Δθ
+        torch._foreach_sub_(self._path, torch._foreach_mul(self._grads, delta))
+        self._before = self._grads = None
+
+    def on_task_end(self, task: int) -> None:
+        params = self._protected()
+        if self._path is not None and self._start is not None:
+            new: Tensors = {}
+            for (n, p), w, s in zip(params.items(), self._path, self._start, strict=True):
+                moved = (p.detach() - s).square()
+                new[n] = w.clamp_min(0.0) / (moved + self.xi)
+            if self.omega is None:
+                self.omega = new
+            else:
+                self.omega = {n: self.omega[n] + new[n] for n in new}
+        self._path = self._start = None
+        self.anchor = snapshot(params)
+        super().on_task_end(task)
+        self._rebuild()
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        names = list(self._protected()) if self._path is not None else []
+        state.update(
+            xi=self.xi, omega=self.omega, anchor=self.anchor,
+            path=None if self._path is None else dict(zip(names, self._path, strict=True)),
+            start=None if self._start is None else dict(zip(names, self._start, strict=True)),
+        )
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.xi = float(state["xi"])
+        self.omega = None if state["omega"] is None else dict(state["omega"])
+        self.anchor = None if state["anchor"] is None else dict(state["anchor"])
+        self._path = None if state["path"] is None else list(state["path"].values())
+        self._start = None if state["start"] is None else list(state["start"].values())
+        self._rebuild()

@@ -1,0 +1,186 @@
+"""Strategies that see the training batch (SI, LwF, DER/DER++) on hosts small enough to
+compute every number by hand, and through the supervised trainer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from crl.strategies import make_strategy
+from crl.strategies.der import DER
+from crl.strategies.lwf import LwF
+from crl.strategies.si import SI
+
+
+class QuadHost:
+    """θ = (a, b), loss (a − 1)² + 2 (b + 1)²."""
+
+    def __init__(self) -> None:
+        self.module = nn.ParameterDict({"a": nn.Parameter(torch.tensor(0.0)),
+                                        "b": nn.Parameter(torch.tensor(0.0))})
+
+    def protected_parameters(self):
+        return dict(self.module.items())
+
+    def trained_parameters(self):
+        return list(self.module.values())
+
+    def loss(self, batch=None):
+        return (self.module["a"] - 1) ** 2 + 2 * (self.module["b"] + 1) ** 2
+
+
+def test_si_path_integral_by_hand():
+    host = QuadHost()
+    si = SI(lam=0.5, xi=0.1).bind(host)
+    si.on_task_start(0)
+    opt = torch.optim.SGD(host.module.values(), lr=0.1)
+    a, b, omega_a, omega_b = 0.0, 0.0, 0.0, 0.0
+    for _ in range(3):
+        opt.zero_grad()
+        host.loss().backward()
+        si.before_optimizer_step()
+        opt.step()
+        si.after_optimizer_step()
+        ga, gb = 2 * (a - 1), 4 * (b + 1)  # the same steps by hand
+        da, db = -0.1 * ga, -0.1 * gb
+        omega_a -= ga * da
+        omega_b -= gb * db
+        a, b = a + da, b + db
+    assert float(host.module["a"].detach()) == pytest.approx(a)
+    si.on_task_end(0)
+    assert float(si.omega["a"]) == pytest.approx(omega_a / (a**2 + 0.1), rel=1e-5)
+    assert float(si.omega["b"]) == pytest.approx(omega_b / (b**2 + 0.1), rel=1e-5)
+    assert float(si.penalty().detach()) == 0.0  # at the anchor
+    with torch.no_grad():
+        host.module["a"] += 0.5
+    expected = 0.5 * omega_a / (a**2 + 0.1) * 0.25
+    assert float(si.penalty().detach()) == pytest.approx(expected, rel=1e-5)
+    again = SI(lam=0.5, xi=0.1).bind(host)
+    again.load_state_dict(si.state_dict())
+    assert float(again.penalty().detach()) == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match="xi"):
+        SI(xi=0.0)
+
+
+class HeadsHost:
+    """Linear trunk (2 -> 2) and one linear head (2 -> 3) per task; batches carry ``task``."""
+
+    def __init__(self, n_tasks: int = 2) -> None:
+        torch.manual_seed(0)
+        self.module = nn.ModuleDict({
+            "trunk": nn.Linear(2, 2),
+            "heads": nn.ModuleList(nn.Linear(2, 3) for _ in range(n_tasks)),
+        })
+        self.x = torch.randn(5, 2, generator=torch.Generator().manual_seed(1))
+
+    def protected_parameters(self):
+        return {n: p for n, p in self.module.named_parameters() if n.startswith("trunk")}
+
+    def trained_parameters(self):
+        return list(self.module.parameters())
+
+    def logits(self, batch):
+        h = self.module["trunk"](batch["x"])
+        out = torch.stack([head(h) for head in self.module["heads"]], 1)
+        return out[torch.arange(len(h)), batch["task"]]
+
+    def output_distribution(self, batch):
+        return torch.distributions.Categorical(logits=self.logits(batch), validate_args=False)
+
+    def loss(self, batch):
+        return F.cross_entropy(self.logits(batch), batch["y"])
+
+    multi_head = True
+
+    def with_task(self, batch, task):
+        return {**batch, "task": torch.full_like(batch["task"], task)}
+
+
+def kl_by_hand(old_logits, new_logits, temperature):
+    p = torch.softmax(old_logits / temperature, -1)
+    logp = torch.log_softmax(old_logits / temperature, -1)
+    logq = torch.log_softmax(new_logits / temperature, -1)
+    return float((p * (logp - logq)).sum(-1).mean().detach()) * temperature**2
+
+
+def test_lwf_distils_the_earlier_heads_on_the_current_inputs():
+    host = HeadsHost()
+    lwf = LwF(lam=3.0, temperature=2.0).bind(host)
+    lwf.on_task_start(0)
+    lwf.on_task_end(0)
+    lwf.on_task_start(1)
+    batch = {"x": host.x, "y": torch.zeros(5, dtype=torch.long), "task": torch.ones(5).long()}
+    assert abs(float(lwf.penalty(batch).detach())) < 1e-7  # unchanged model
+    with torch.no_grad():
+        old0 = host.logits(host.with_task(batch, 0)).clone()
+        host.module["trunk"].weight.add_(0.3)
+        host.module["heads"][1].weight.add_(5.0)  # the current head does not enter
+    new0 = host.logits(host.with_task(batch, 0))
+    pen = lwf.penalty(batch)
+    assert float(pen.detach()) == pytest.approx(3.0 * kl_by_hand(old0, new0, 2.0), rel=1e-4)
+    pen.backward()
+    assert host.module["trunk"].weight.grad.abs().sum() > 0
+    assert float(host.module["heads"][1].weight.grad.abs().sum()) == 0.0
+    again = LwF(lam=3.0, temperature=2.0).bind(host)
+    again.load_state_dict(lwf.state_dict())
+    again.on_task_start(1)
+    assert float(again.penalty(batch).detach()) == pytest.approx(float(pen.detach()), rel=1e-6)
+
+
+def test_der_and_der_plus_plus_terms_by_hand():
+    host = HeadsHost(n_tasks=1)
+    der = DER(memory_size=100, batch_size=100, alpha=0.7, beta=0.0, seed=0).bind(host)
+    plus = DER(memory_size=100, batch_size=100, alpha=0.7, beta=0.4, seed=0).bind(host)
+    batch = {"x": host.x, "y": torch.tensor([0, 1, 2, 0, 1]), "task": torch.zeros(5).long()}
+    for s in (der, plus):
+        s.on_task_start(0)
+        assert s.penalty(batch) is None  # empty memory; the batch is stored now
+    stored = torch.log_softmax(host.logits(batch).detach(), -1)
+    assert len(der.memory) == 5
+    with torch.no_grad():
+        host.module["trunk"].weight.mul_(1.5)
+    now = torch.log_softmax(host.logits(batch), -1).detach()
+    expected = 0.7 * float((now - stored).square().sum(1).mean())
+    # no batch: nothing added; 100 > 5 stored, so the whole memory is sampled
+    assert float(der.penalty().detach()) == pytest.approx(expected, rel=1e-5)
+    ce = float(F.cross_entropy(host.logits(batch), batch["y"]).detach())
+    assert float(plus.penalty().detach()) == pytest.approx(expected + 0.4 * ce, rel=1e-5)
+    again = DER(memory_size=100, batch_size=100, alpha=0.7, beta=0.4, seed=0).bind(host)
+    again.load_state_dict(plus.state_dict())
+    assert len(again.memory) == 5 and again.kind == "categorical"
+
+
+@pytest.mark.parametrize("method", ["si", "lwf", "der"])
+def test_batch_strategies_change_supervised_training(method, tiny_mnist):
+    from crl.supervised.benchmarks import make_benchmark
+    from crl.supervised.models import MLPClassifier
+    from crl.supervised.trainer import TrainerConfig, run_sequence
+
+    bench = make_benchmark("split-mnist", tiny_mnist, scenario="task-il", num_tasks=2, seed=0)
+    config = TrainerConfig(batch_size=32, progress=False, plasticity=False)
+    weights = {}
+    for m in ("finetune", method):
+        torch.manual_seed(0)
+        model = MLPClassifier(in_features=784, hidden=(16,), n_heads=2, head_outputs=2)
+        first = {}
+
+        def keep(i, accs, updates, plasticity, model=model, first=first):
+            if i == 0:
+                first.update({n: p.detach().clone() for n, p in model.named_parameters()})
+
+        run_sequence(bench, model, make_strategy(m, num_tasks=2, seed=0), config,
+                     on_task_end=keep)
+        weights[m] = (first, {n: p.detach().clone() for n, p in model.named_parameters()})
+    (ft_first, ft_end), (first, end) = weights["finetune"], weights[method]
+    if method in ("si", "lwf"):  # nothing acts during the first task
+        assert all(torch.equal(ft_first[n], first[n]) for n in first)
+    # the penalty acts on the second task: the trunk ends elsewhere than finetune's
+    assert not torch.allclose(ft_end["trunk.0.weight"], end["trunk.0.weight"])
+
+
+def test_make_strategy_builds_the_batch_methods():
+    assert isinstance(make_strategy("si", lam=2.0), SI)
+    assert isinstance(make_strategy("lwf", temperature=1.0), LwF)
+    assert make_strategy("der", beta=0.5).beta == 0.5
