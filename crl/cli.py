@@ -41,7 +41,8 @@ def _supervised_options() -> list[click.Option]:
                          f"{b}: {s}" for b, s in DEFAULT_SCENARIO.items()) + ")."),
         click.Option(["--tasks"], type=click.IntRange(min=1), help="Number of tasks."),
         click.Option(["--method"], type=str, help="finetune, l2, ewc, mas, packnet, agem, "
-                     "replay, or joint (multi-task upper bound); plasticity interventions "
+                     "replay, si, lwf, der, or joint (multi-task upper bound); plasticity "
+                     "interventions "
                      "l2init, snp, redo, cbp, alone or combined: ewc+redo. [finetune]"),
         click.Option(["--methods"], type=str, help="Comma list: run a comparison."),
         click.Option(["--seed"], type=int, help="[0]"),
@@ -590,7 +591,8 @@ def _rl_options() -> list[click.Option]:
         opt(["--sequence"], type=str, help="Built-in sequence name (crl list sequences) or a "
             "YAML sequence file. [CartPoleSwap]"),
         opt(["--agent"], type=str, help="sac or ppo. [ppo]"),
-        opt(["--method"], type=str, help="finetune, l2, ewc, mas, packnet, agem, replay; "
+        opt(["--method"], type=str, help="finetune, l2, ewc, mas, packnet, agem, replay, si, "
+            "lwf, der; "
             "plasticity interventions l2init, snp, redo, cbp, alone or combined with a "
             "method: ewc+redo. [finetune]"),
         opt(["--steps-per-task"], type=click.IntRange(min=1),

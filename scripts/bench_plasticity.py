@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,7 @@ def _float(v: Any) -> float | None:
 
 def check(rows: list[dict[str, Any]]) -> dict[str, bool]:
     """finetune's slope below zero (CI excludes 0); some intervention level (CI reaches 0)."""
-    by = {r["method"]: r for r in rows}
+    by = {r["method"]: r for r in rows}  # labels: "redo", "l2init [lam=0.01]", ...
     checks: dict[str, bool] = {}
     ft = by.get("finetune")
     if ft is None or _float(ft.get("plasticity")) is None:
@@ -55,9 +56,8 @@ def check(rows: list[dict[str, Any]]) -> dict[str, bool]:
     checks[f"finetune's end-of-task score falls (slope {mean:.2e}, CI high {high:.2e} < 0)"] = (
         high is not None and high < 0)
     level = []
-    for m in INTERVENTIONS:
-        r = by.get(m)
-        if r is None or _float(r.get("plasticity_high")) is None:
+    for m, r in by.items():
+        if m.split(" ")[0] not in INTERVENTIONS or _float(r.get("plasticity_high")) is None:
             continue
         if _float(r["plasticity_high"]) >= 0:
             level.append(f"{m} ({float(r['plasticity']):.2e} "
@@ -72,8 +72,9 @@ def summary(sweep_dir: Path) -> str:
     per: dict[str, list[dict[str, Any]]] = {}
     for res in sorted(sweep_dir.glob("*/results.json")):
         r = json.loads(res.read_text())
-        per.setdefault(str(r.get("method")), []).append(r)
-    lines = ["| method | seeds | end-of-task score, first 1/5 of tasks | last 1/5 | "
+        variant = re.sub(r"-seed\d+$", "", res.parent.name)  # the sweep's run name, no seed
+        per.setdefault(variant, []).append(r)
+    lines = ["| run | seeds | end-of-task score, first 1/5 of tasks | last 1/5 | "
              "dormant units at the end | plasticity metrics' share of wall time |",
              "|---|---:|---:|---:|---:|---:|"]
     for method, runs in per.items():
@@ -90,7 +91,9 @@ def summary(sweep_dir: Path) -> str:
             t = r.get("timings") or {}
             if "plasticity_share" in t:  # RL: measured by the loop
                 shares.append(t["plasticity_share"])
-            elif "seconds" in r["plasticity"] and r.get("seconds_total"):
+            elif r.get("plasticity_seconds") is not None and r.get("seconds_total"):
+                shares.append(r["plasticity_seconds"] / r["seconds_total"])
+            elif "seconds" in r["plasticity"] and r.get("seconds_total"):  # earlier layout
                 shares.append(r["plasticity"]["seconds"] / r["seconds_total"])
         share = f"{100 * np.mean(shares):.2f}%" if shares else "n/a"
         lines.append(f"| {method} | {len(runs)} | {first:.3f} | {last:.3f} | {dormant:.3f} | "

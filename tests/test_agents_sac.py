@@ -94,7 +94,7 @@ def _actor_grads_of_one_update(agent: ContinualSAC, penalty_on: bool) -> dict[st
     ent = agent.log_ent_coef.detach().clone()
     original = agent.strategy.penalty
     if not penalty_on:
-        agent.strategy.penalty = lambda: None  # type: ignore[method-assign]
+        agent.strategy.penalty = lambda *args: None  # type: ignore[method-assign]
     np.random.seed(11)
     torch.manual_seed(11)
     try:

@@ -198,6 +198,7 @@ def supervised_summary(result: SupervisedResult) -> dict[str, Any]:
     }
     if result.plasticity is not None:
         summary["plasticity"] = result.plasticity
+        summary["plasticity_seconds"] = result.plasticity_seconds
     if R.shape[0] == R.shape[1] and R.shape[0] > 1:
         summary["forgetting"] = float(metrics.average_forgetting(R))
         summary["bwt"] = float(metrics.bwt(R))

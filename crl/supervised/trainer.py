@@ -97,6 +97,8 @@ class SupervisedResult:
     updates: int = 0
     #: :meth:`crl.plasticity.Probe.history` (None: not measured)
     plasticity: dict[str, Any] | None = None
+    #: seconds this process spent measuring them (a resumed run: since the resume)
+    plasticity_seconds: float = 0.0
 
 
 class ClassifierHost:
@@ -476,11 +478,9 @@ def run_sequence(
             on_task_end(i, run.matrix[i], run.updates, measured)
         if on_checkpoint is not None:
             on_checkpoint(run.payload(optimizer, Position(i + 1)))
-    history = None
-    if run.probe is not None:  # the time of this process's measurements (not the resumed part)
-        history = run.probe.history() | {"seconds": run.probe_seconds}
     return SupervisedResult(strategy.name, run.matrix, run.initial, run.seconds, run.updates,
-                            history)
+                            None if run.probe is None else run.probe.history(),
+                            run.probe_seconds)
 
 
 def run_joint(
