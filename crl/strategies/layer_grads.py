@@ -156,11 +156,43 @@ class LayerGradientSums:
         self.budget = max(1, int(budget))
         named = dict(module.named_modules())
         self.layers = {mod: named[mod] for mod, _ in self.params.values()}
+        self._per_row: int | None = None
 
     def __call__(
         self, batch: dict[str, torch.Tensor], extra: torch.Tensor | None
     ) -> dict[str, torch.Tensor]:
-        """{param name: Σ_n Σ_s f(∂s_{n,s}/∂θ)} over this batch."""
+        """{param name: Σ_n Σ_s f(∂s_{n,s}/∂θ)} over this batch, in row chunks whose
+        backpropagated signals of every scalar fit the float budget."""
+        size = next(iter(batch.values())).shape[0]
+        rows = self._rows_per_chunk(batch, extra, size)
+        total: dict[str, torch.Tensor] = {}
+        for start in range(0, size, rows):
+            part = {k: v[start : start + rows] for k, v in batch.items()}
+            part_extra = None if extra is None else extra[start : start + rows]
+            for n, v in self._chunk(part, part_extra).items():
+                total[n] = v if n not in total else total[n] + v
+        return total
+
+    def _rows_per_chunk(self, batch: dict[str, torch.Tensor], extra: torch.Tensor | None,
+                        size: int) -> int:
+        """Rows whose signals δ of every scalar, for the layers seen over positions, fit
+        ``self.budget`` floats (a one-row forward measures them)."""
+        if self._per_row is None:
+            one = {k: v[:1] for k, v in batch.items()}
+            try:
+                with torch.no_grad(), _record(self.layers) as calls:
+                    scal = self.scalars({}, one, None if extra is None else extra[:1])
+            except (RuntimeError, ValueError, TypeError):
+                return size  # the whole batch raises it again, with its own shapes
+            per_scalar = sum(
+                z[:1].numel() for name, rec in calls.items()
+                if not _factorised(self.layers[name], rec) for z in rec.outputs)
+            self._per_row = max(1, int(scal.numel()) * per_scalar)
+        return max(1, min(size, self.budget // self._per_row))
+
+    def _chunk(
+        self, batch: dict[str, torch.Tensor], extra: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
         size = next(iter(batch.values())).shape[0]
         own = dict(self.module.named_parameters(remove_duplicate=False))
         # fresh leaves so every recorded output is in the graph even if the host froze the
@@ -203,21 +235,19 @@ class LayerGradientSums:
         for name, rec in calls.items():
             index[name] = list(range(i, i + len(rec.outputs)))
             i += len(rec.outputs)
+        single = {name for name, rec in calls.items() if _factorised(self.layers[name], rec)}
         # factorised layers: Σ_s f(δ^s) per sample, one outer product at the end
-        single = {
-            name: rec for name, rec in calls.items()
-            if len(rec.outputs) == 1 and isinstance(self.layers[name], nn.Linear)
-            and rec.outputs[0].dim() == 2
-        }
         delta_sums: dict[str, torch.Tensor] = {}
-        per_layer: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
-        unfolded: dict[str, torch.Tensor] = {}
+        # layers over positions: every scalar's δ, (B, P, out) each, for one batched product
+        deltas_of: dict[str, list[torch.Tensor]] = defaultdict(list)
         n_scalars = scal.shape[1]
         for s in range(n_scalars):
             grads = torch.autograd.grad(
                 scal[:, s].sum(), outputs, retain_graph=s + 1 < n_scalars, allow_unused=True
             )
             for name, rec in calls.items():
+                if not rec.outputs:
+                    continue
                 deltas = [
                     torch.zeros_like(z) if grads[j] is None else grads[j]
                     for j, z in zip(index[name], rec.outputs, strict=True)
@@ -225,8 +255,11 @@ class LayerGradientSums:
                 if name in single:
                     fd = f(deltas[0])
                     delta_sums[name] = fd if name not in delta_sums else delta_sums[name] + fd
-                    continue
-                self._positions(name, rec, deltas, per_layer[name], unfolded)
+                else:
+                    layer = self.layers[name]
+                    deltas_of[name].append(
+                        torch.cat([_positions_of_output(layer, x) for x in deltas], dim=1))
+        per_layer = {name: self._positions(name, calls[name], d) for name, d in deltas_of.items()}
         for n, (mod, attr) in self.params.items():
             layer = self.layers[mod]
             rec = calls[mod]
@@ -242,33 +275,33 @@ class LayerGradientSums:
                 acc[n] = per_layer[mod][attr].reshape(getattr(layer, attr).shape)
         return acc
 
-    def _positions(
-        self,
-        name: str,
-        rec: _Calls,
-        deltas: list[torch.Tensor],
-        sums: dict[str, torch.Tensor],
-        unfolded: dict[str, torch.Tensor],
-    ) -> None:
-        """Add Σ_n f(Σ_positions δ_{n,p} a_{n,p}ᵀ) for one scalar index, in row chunks."""
+    def _positions(self, name: str, rec: _Calls, deltas: list[torch.Tensor]
+                   ) -> dict[str, torch.Tensor]:
+        """Σ_s Σ_n f(Σ_positions δ^s_{n,p} a_{n,p}ᵀ): all scalars' per-sample gradients of a
+        row chunk in one batched product (S·out rows per sample, not S products of out)."""
         layer = self.layers[name]
-        d = torch.cat([_positions_of_output(layer, x) for x in deltas], dim=1)  # (B, P, out)
-        rows, positions, fan_out = d.shape
+        d = torch.stack(deltas, dim=1)  # (B, S, P, out)
+        rows, n_scalars, positions, fan_out = d.shape
         fan_in = _fan_in(layer)
-        if name not in unfolded and rows * positions * fan_in <= self.budget:
-            unfolded[name] = self._inputs(layer, rec, slice(None))
-        cached = unfolded.get(name)
-        per_row = fan_out * fan_in + (0 if cached is not None else positions * fan_in)
+        # (B, S·out, P): every scalar's signals of one sample as the rows of one matrix
+        d_rows = d.permute(0, 1, 3, 2).reshape(rows, n_scalars * fan_out, positions)
+        per_row = n_scalars * fan_out * fan_in + positions * fan_in
         chunk = max(1, self.budget // max(1, per_row))
         w_sum = torch.zeros(fan_out, fan_in, dtype=d.dtype, device=d.device)
         for start in range(0, rows, chunk):
-            rows_ = slice(start, start + chunk)
-            a = cached[rows_] if cached is not None else self._inputs(layer, rec, rows_)
-            w_sum += self.f(torch.bmm(d[rows_].transpose(1, 2), a)).sum(0)
-        sums["weight"] = w_sum if "weight" not in sums else sums["weight"] + w_sum
-        if layer.bias is not None:
-            b_sum = self.f(d.sum(1)).sum(0)
-            sums["bias"] = b_sum if "bias" not in sums else sums["bias"] + b_sum
+            part = slice(start, start + chunk)
+            grads = torch.bmm(d_rows[part], self._inputs(layer, rec, part))
+            w_sum += self.f(grads).sum(0).reshape(n_scalars, fan_out, fan_in).sum(0)
+        out = {"weight": w_sum}
+        if getattr(layer, "bias", None) is not None:
+            out["bias"] = self.f(d.sum(2)).sum((0, 1))
+        return out
+
+
+def _factorised(layer: nn.Module, rec: _Calls) -> bool:
+    """A Linear called once on (B, in) rows: its sum factorises (module docstring)."""
+    return (isinstance(layer, nn.Linear) and len(rec.outputs) == 1
+            and rec.outputs[0].dim() == 2)
 
 
 def _fan_in(layer: nn.Module) -> int:
