@@ -6,9 +6,13 @@ Every update the training batch enters a reservoir memory (Vitter's algorithm R 
 whole stream, :class:`crl.strategies.memory.ReservoirMemory`) together with the model's
 output distribution on it at that moment, and the penalty is
 
-    α · mean ‖f(x_m) − z_m‖²  +  β · loss(x'_m, y'_m)
+    α · mean ‖f(x_m) − z_m‖²  +  β · loss(x_m, y_m)
 
-on two independent memory batches: DER is β = 0, DER++ adds the label term β > 0. The
+on a memory batch: DER is β = 0, DER++ adds the label term β > 0. Buzzega et al. draw a
+second, independent memory batch for the label term; here both terms use the same one, and a
+host that keeps the outputs of its last forward (``outputs_of``, the supervised classifier)
+serves both from one forward pass: measured on permuted-MNIST, the cost per task fell from
+2.1x to 1.7x finetune's with the accuracy within the seeds' spread (see the closing note). The
 "logits" matched are the distribution's parameters (:func:`crl.strategies.distill.
 parameters_mse`): a torch Categorical keeps only normalised logits (log-probabilities), so a
 classifier's outputs are matched up to their softmax normalisation, not as raw logits.
@@ -55,11 +59,15 @@ class DER(Strategy):
         if len(self.memory) and self.kind is not None:
             inputs, stored = split_stored(to_device(self.memory.sample(self.batch_size),
                                                     self._device()))
-            total = self.alpha * parameters_mse(self.kind, stored, host.output_distribution(inputs))
-            if self.beta:
-                labelled, _ = split_stored(to_device(self.memory.sample(self.batch_size),
-                                                     self._device()))
-                total = total + self.beta * host.loss(labelled)
+            label = self.beta * host.loss(inputs) if self.beta else None
+            # the host's own forward of the label term, where it keeps it (one pass, not two)
+            reuse = getattr(host, "outputs_of", None)
+            dist = reuse(inputs) if label is not None and reuse is not None else None
+            if dist is None:
+                dist = host.output_distribution(inputs)
+            total = self.alpha * parameters_mse(self.kind, stored, dist)
+            if label is not None:
+                total = total + label
         if batch is not None and self.current_task is not None:
             self._remember(batch, outputs)
         return total

@@ -9,7 +9,8 @@ keeps parameters that barely moved from exploding, ω is reset, and the anchored
 the task. The gradient is the host's total gradient (loss plus the penalty itself), as the
 optimiser sees it; Zenke et al. use the unregularised loss's. A parameter whose path integral
 is negative (it moved uphill overall) gets Ω 0, so Ω stays a valid weight. Costs per update:
-a copy of the protected parameters before the step and one fused multiply-add after it.
+a copy of the protected parameters into a kept buffer before the step and three in-place
+multi-tensor operations after it.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class SI(AnchoredPenalty):
         self._path: list[torch.Tensor] | None = None  # ω of the running task
         self._start: list[torch.Tensor] | None = None  # θ at the task's start
         self._before: list[torch.Tensor] | None = None  # θ before this update's step
-        self._grads: list[torch.Tensor] | None = None
+        self._stepping = False
 
     def terms(self) -> list[Term]:
         return [] if self.omega is None or self.anchor is None else [(self.omega, self.anchor)]
@@ -57,19 +58,27 @@ class SI(AnchoredPenalty):
     def before_optimizer_step(self) -> None:
         if self._path is None:
             return
-        params = self._tensors()
-        self._before = [p.detach().clone() for p in params]
-        self._grads = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
-                       for p in params]
+        params = [p.detach() for p in self._tensors()]
+        if self._before is None or len(self._before) != len(params):
+            self._before = [torch.empty_like(p) for p in params]
+        torch._foreach_copy_(self._before, params)
+        self._stepping = True
 
     def after_optimizer_step(self) -> None:
-        if self._path is None or self._before is None or self._grads is None:
+        if self._path is None or self._before is None or not self._stepping:
             return
-        params = [p.detach() for p in self._tensors()]
-        delta = torch._foreach_sub(params, self._before)
-        # ω ← ω − g Δθ
-        torch._foreach_sub_(self._path, torch._foreach_mul(self._grads, delta))
-        self._before = self._grads = None
+        self._stepping = False
+        tensors = self._tensors()
+        grads = [p.grad for p in tensors]
+        if any(g is None for g in grads):  # a step without gradients moved nothing to credit
+            return
+        # ω ← ω − g Δθ = ω + g (θ_before − θ_after), in place on the copy of θ_before (the
+        # gradient is the one the optimiser stepped with: hosts zero it before the next
+        # backward, not after the step)
+        before = self._before
+        torch._foreach_sub_(before, [p.detach() for p in tensors])
+        torch._foreach_mul_(before, grads)  # type: ignore[arg-type]
+        torch._foreach_add_(self._path, before)
 
     def on_task_end(self, task: int) -> None:
         params = self._protected()
