@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from crl.strategies.anchored import AnchoredPenalty, Tensors, Term
-from crl.strategies.base import snapshot
+from crl.strategies.base import Host, snapshot
 
 
 class SI(AnchoredPenalty):
@@ -42,15 +42,25 @@ class SI(AnchoredPenalty):
         self._start: list[torch.Tensor] | None = None  # θ at the task's start
         self._before: list[torch.Tensor] | None = None  # θ before this update's step
         self._stepping = False
+        self._live_tensors: list[torch.nn.Parameter] | None = None
 
     def terms(self) -> list[Term]:
         return [] if self.omega is None or self.anchor is None else [(self.omega, self.anchor)]
 
     def _tensors(self) -> list[torch.nn.Parameter]:
-        return list(self._protected().values())
+        """The protected parameters, looked up once per task (two hooks read them per update)."""
+        if self._live_tensors is None:
+            self._live_tensors = list(self._protected().values())
+        return self._live_tensors
+
+    def bind(self, host: Host) -> SI:
+        super().bind(host)
+        self._live_tensors = None
+        return self
 
     def on_task_start(self, task: int) -> None:
         super().on_task_start(task)
+        self._live_tensors = None  # the host may hold new parameter objects
         params = self._tensors()
         self._path = [torch.zeros_like(p, memory_format=torch.contiguous_format) for p in params]
         self._start = [p.detach().clone() for p in params]
@@ -58,10 +68,11 @@ class SI(AnchoredPenalty):
     def before_optimizer_step(self) -> None:
         if self._path is None:
             return
-        params = [p.detach() for p in self._tensors()]
+        params = self._tensors()
         if self._before is None or len(self._before) != len(params):
-            self._before = [torch.empty_like(p) for p in params]
-        torch._foreach_copy_(self._before, params)
+            self._before = [torch.empty_like(p, requires_grad=False) for p in params]
+        with torch.no_grad():
+            torch._foreach_copy_(self._before, params)
         self._stepping = True
 
     def after_optimizer_step(self) -> None:
@@ -76,9 +87,10 @@ class SI(AnchoredPenalty):
         # gradient is the one the optimiser stepped with: hosts zero it before the next
         # backward, not after the step)
         before = self._before
-        torch._foreach_sub_(before, [p.detach() for p in tensors])
-        torch._foreach_mul_(before, grads)  # type: ignore[arg-type]
-        torch._foreach_add_(self._path, before)
+        with torch.no_grad():
+            torch._foreach_sub_(before, tensors)
+            torch._foreach_mul_(before, grads)  # type: ignore[arg-type]
+            torch._foreach_add_(self._path, before)
 
     def on_task_end(self, task: int) -> None:
         params = self._protected()
