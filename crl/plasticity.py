@@ -34,6 +34,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from crl.strategies.importance import eval_mode
+
 #: Modules whose outputs are a layer's units. Activation modules have no parameters.
 ACTIVATIONS: tuple[type[nn.Module], ...] = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
@@ -142,17 +144,6 @@ def _first_outputs(modules: Mapping[str, nn.Module]) -> Iterator[dict[str, torch
             h.remove()
 
 
-@contextlib.contextmanager
-def _eval_mode(module: nn.Module) -> Iterator[None]:
-    flags = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
-
-
 def measure(
     host: object,
     batch: Mapping[str, torch.Tensor],
@@ -174,7 +165,7 @@ def measure(
         for name, m in layers.parametrised.items()
         for attr, p in m.named_parameters(recurse=False)
     }
-    with torch.random.fork_rng(devices=[]), _eval_mode(module), torch.enable_grad():
+    with torch.random.fork_rng(devices=[]), eval_mode(module), torch.enable_grad():
         torch.manual_seed(0)
         with _first_outputs(layers.activations) as outs:
             loss = host.loss(batch)  # type: ignore[attr-defined]

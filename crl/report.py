@@ -192,41 +192,38 @@ def _finite(value: Any) -> float | None:
     return v if math.isfinite(v) else None
 
 
-def _gain_from_curves(run: RunData) -> float | None:
-    """The mean new-task gain of an RL run whose results.json predates the metric, from its
-    evaluations (one pass over distinct tasks only)."""
+def _rl_history(run: RunData) -> EvalHistory | None:
+    """An RL run's evaluations as a history over its stages (one pass over distinct tasks
+    only): what metrics added after the run was made are computed from."""
     curves = rl_curves(run)
     if curves is None or len(set(curves.schedule)) != len(curves.schedule) or len(
             curves.schedule) < 2:
         return None
     try:
-        history = EvalHistory(curves.steps, curves.scores[:, curves.schedule],
-                              curves.stage_starts, curves.stage_ends[-1])
-        gains = new_task_gain_from_history(history, k=int(run.results.get("forgetting_k", 5)))
+        return EvalHistory(curves.steps, curves.scores[:, curves.schedule],
+                           curves.stage_starts, curves.stage_ends[-1])
     except (ValueError, IndexError):
         return None
-    return _finite(float(np.mean(gains)))
 
 
-def _slope_from_results(run: RunData) -> float | None:
-    """The plasticity slope of a run whose results.json predates the metric: from the
-    accuracy matrix's diagonal (supervised) or the evaluations (RL, distinct tasks)."""
+def _from_history(run: RunData, metric: str) -> float | None:
+    """``new_task_gain`` (mean) or ``plasticity_slope`` of a run whose results.json predates
+    the metric: from the evaluations (RL) or the accuracy matrix's diagonal (supervised)."""
     if run.kind != RL:
         got = sl_matrix(run)
-        if got is None or got[0].shape[0] < 2:
+        if metric != "plasticity_slope" or got is None or got[0].shape[0] < 2:
             return None
         return _finite(plasticity_slope(np.diag(got[0])))
-    curves = rl_curves(run)
-    if curves is None or len(set(curves.schedule)) != len(curves.schedule) or len(
-            curves.schedule) < 2:
+    history = _rl_history(run)
+    if history is None:
         return None
+    k = int(run.results.get("forgetting_k", 5))
     try:
-        history = EvalHistory(curves.steps, curves.scores[:, curves.schedule],
-                              curves.stage_starts, curves.stage_ends[-1])
-        ends = end_of_task_scores(history, k=int(run.results.get("forgetting_k", 5)))
+        if metric == "plasticity_slope":
+            return _finite(plasticity_slope(end_of_task_scores(history, k=k)))
+        return _finite(float(np.mean(new_task_gain_from_history(history, k=k))))
     except (ValueError, IndexError):
         return None
-    return _finite(plasticity_slope(ends))
 
 
 def metric_value(run: RunData, spec: MetricSpec) -> float | None:
@@ -235,9 +232,9 @@ def metric_value(run: RunData, spec: MetricSpec) -> float | None:
     value = _finite(run.results.get(spec.key))
     if value is None and spec.key not in run.results:
         if spec.key == "mean_new_task_gain" and run.kind == RL:
-            value = _gain_from_curves(run)
+            value = _from_history(run, "new_task_gain")
         elif spec.key == "plasticity_slope":
-            value = _slope_from_results(run)
+            value = _from_history(run, "plasticity_slope")
     return value
 
 

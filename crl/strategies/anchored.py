@@ -197,3 +197,28 @@ class AnchoredPenalty(Strategy):
         super().load_state_dict(state)
         self.lam = check_lam(state["lam"])
         self.param_names = list(state["param_names"])
+
+
+class SingleAnchor(AnchoredPenalty):
+    """λ Σ (θ − θ*)² towards one anchor θ* (w = 1); subclasses decide when it is set."""
+
+    def __init__(self, lam: float = 1.0) -> None:
+        super().__init__(lam)
+        self.anchor: Tensors | None = None
+
+    def terms(self) -> list[Term]:
+        return [] if self.anchor is None else [(None, self.anchor)]
+
+    def _set_anchor(self) -> None:
+        self.anchor = {n: p.detach().clone() for n, p in self._protected().items()}
+        self._rebuild()
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["anchor"] = self.anchor
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.anchor = None if state["anchor"] is None else dict(state["anchor"])
+        self._rebuild()

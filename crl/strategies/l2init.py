@@ -7,37 +7,18 @@ forgets as finetune would on its own."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
-from crl.strategies.anchored import AnchoredPenalty, Tensors, Term
-from crl.strategies.base import snapshot
+from crl.strategies.anchored import SingleAnchor
 
 
-class L2Init(AnchoredPenalty):
+class L2Init(SingleAnchor):
     """λ Σ (θ − θ⁰)², θ⁰ = the protected parameters when the first task starts."""
 
     name = "l2init"
 
     def __init__(self, lam: float = 0.01) -> None:
         super().__init__(lam)
-        self.anchor: Tensors | None = None
-
-    def terms(self) -> list[Term]:
-        return [] if self.anchor is None else [(None, self.anchor)]
 
     def on_task_start(self, task: int) -> None:
         super().on_task_start(task)
         if self.anchor is None:
-            self.anchor = snapshot(self._protected())
-            self._rebuild()
-
-    def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        state["anchor"] = self.anchor
-        return state
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.anchor = None if state["anchor"] is None else dict(state["anchor"])
-        self._rebuild()
+            self._set_anchor()
