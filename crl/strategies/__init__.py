@@ -56,7 +56,12 @@ def method_members(name: str) -> list[str]:
     if any(not m for m in members):
         raise ValueError(f"method {name!r} has an empty part; write methods as ewc or ewc+redo")
     for m in members:
-        strategy_class(m)
+        try:
+            strategy_class(m)
+        except ValueError as exc:
+            if len(members) == 1:
+                raise
+            raise ValueError(f"{exc} (in the combination {name!r})") from None
     if len(set(members)) != len(members):
         raise ValueError(f"method {name!r} names a method twice; name each once")
     return members
