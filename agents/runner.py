@@ -248,7 +248,7 @@ def resume(run_dir: str | Path, changes: Mapping[str, Any] | None = None, *,
     check_metrics_rows(run_dir, int(state["tracker_rows"]))
     writer = TrackerWriter(None)
     env, agent, notes = _rebuild_agent(config, plan.sequence, state["agent"], [writer])
-    clear_for_resume(run_dir)  # validated: from here on the run directory may change
+    # validated; the run directory changes only under the run's lock (_execute)
     return _execute(plan, run_dir, resume=_Resume(state, env, agent, writer, notes),
                     keep_agent=keep_agent)
 
@@ -333,6 +333,10 @@ def _execute(plan: _Plan, path: Path, *, resume: _Resume | None = None,
                          resume_rows=None if resume is None else int(
                              resume.state["tracker_rows"]))
     with tracker:
+        if resume is not None:
+            # under the lock: a second resume started at once must not delete this one's
+            # checkpoint temporary files while it writes them
+            clear_for_resume(tracker.run_dir)
         if resume is None:
             env = sequence.make_env(append_task_id=True)
             agent = make_agent(config, env, sequence)

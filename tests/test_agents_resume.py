@@ -452,3 +452,26 @@ def test_two_resumes_at_once_one_runs_the_other_is_refused(ppo_runs: dict[str, A
     assert str(run) in text and ("in use by another crl process" in text
                                  or "finished" in text), text
     assert (run / "results.json").is_file()
+
+
+def test_a_refused_resume_leaves_the_running_one_alone(ppo_runs: dict[str, Any],
+                                                       tmp_path: Path) -> None:
+    """The second of two resumes is refused before it touches the folder: the first one's
+    checkpoint temporary file (an atomic write in progress) and failure record stay."""
+    from agents.runner import resume
+    from crl.checkpoint import checkpoint_path
+    from crl.tracking import RunLock, RunLockedError
+
+    run = tmp_path / "run"
+    shutil.copytree(ppo_runs["pristine"], run)
+    held = RunLock(run)  # the first resume, running
+    try:
+        tmp = checkpoint_path(run).parent / f".{checkpoint_path(run).name}.tmp"
+        tmp.write_bytes(b"being written")
+        failed = run / "failed.json"
+        failed.write_text("{}")
+        with pytest.raises(RunLockedError, match="in use by another crl process"):
+            resume(run, {"progress": False})
+        assert tmp.read_bytes() == b"being written" and failed.is_file()
+    finally:
+        held.release()

@@ -360,7 +360,7 @@ def resume_experiment(
             "$CRL_DATA_DIR) at the run's own MNIST files"
         )
     check_metrics_rows(run_dir, int(state["rows"]))
-    clear_for_resume(run_dir)  # validated: from here on the run directory may change
+    # validated; the run directory changes only under the run's lock (_execute)
     return _execute(config, benchmark, run_dir, resolved, resume=state)
 
 
@@ -392,6 +392,8 @@ def _execute(
         resume_rows=None if resume is None else int(resume["rows"]),
         new_run=resume is None,
     ) as tracker:
+        if resume is not None:  # under the lock (see agents.runner._execute)
+            clear_for_resume(run_dir)
         model = _build_model(config, benchmark)
 
         def on_task_end(i: int, accs: np.ndarray, updates: int,
