@@ -67,10 +67,13 @@ def check_method_options(config: RunConfig, sequence: TaskSequence) -> None:
                                 config.agent_options)
     try:
         if config.agent == "ppo":
-            from agents.ppo import replay_as_distillation
+            from agents.ppo import on_policy_options, refuse_off_policy
 
-            options = replay_as_distillation(config.method, options) or options
-        build_strategy(config.method, options, sequence.num_tasks, config.seed)
+            options = on_policy_options(config.method, options) or options
+            refuse_off_policy(build_strategy(config.method, options, sequence.num_tasks,
+                                             config.seed))
+        else:
+            build_strategy(config.method, options, sequence.num_tasks, config.seed)
     except (ValueError, TypeError) as exc:
         given = [(config.method, k) for k in config.method_options.get(config.method) or {}]
         given += [(m, k) for m in method_members(config.method) if m != config.method

@@ -41,9 +41,8 @@ from torch import nn
 
 from agents.continual import ContinualAgent, check_num_tasks, check_sb3_version
 from agents.ppo_policy import MultiHeadActorCriticPolicy, MultiHeadMultiInputPolicy
-from crl.strategies import JOIN, method_members
+from crl.strategies import method_members, strategy_class
 from crl.strategies.base import Batch, Strategy
-from crl.strategies.replay import Replay
 
 check_sb3_version()
 
@@ -158,7 +157,9 @@ class ContinualPPO(ContinualAgent, PPO):
         importance_samples: int = 2048,
         **sb3_kwargs: Any,
     ) -> None:
-        strategy_options = replay_as_distillation(strategy, strategy_options)
+        if isinstance(strategy, Strategy):
+            refuse_off_policy(strategy)
+        strategy_options = on_policy_options(strategy, strategy_options)
         if (
             isinstance(importance_samples, bool)
             or not isinstance(importance_samples, int)
@@ -196,6 +197,7 @@ class ContinualPPO(ContinualAgent, PPO):
         if instance is not None:
             args["strategy"], args["strategy_options"] = instance, None
         self._init_continual(**args)
+        refuse_off_policy(self.strategy)
 
     def _excluded_save_params(self) -> list[str]:
         # The strategy (with its memories and Fisher) and the task store are saved with
@@ -387,10 +389,8 @@ class ContinualPPO(ContinualAgent, PPO):
 
     @property
     def penalty_log_key(self) -> str:
-        """Replay under PPO is distillation, and its log says so."""
-        if isinstance(self.strategy, Replay):
-            return "train/distillation_kl"
-        return f"train/{self.strategy.name}_penalty"
+        """The strategy names its own penalty (replay's distillation: ``distillation_kl``)."""
+        return f"train/{self.strategy.penalty_label}"
 
     # -- the finished task's data ------------------------------------------------------------
     def _keep_task_data(self) -> None:
@@ -462,32 +462,34 @@ def _rollout_batch(data: Any) -> dict[str, Any]:
     return batch
 
 
-def replay_as_distillation(
+def on_policy_options(
     strategy: Strategy | str, options: dict[str, Any] | None
 ) -> dict[str, Any] | None:
-    """PPO's replay is distillation: default ``mode="distill"``, refuse the other modes."""
-    fix = (
-        "PPO is on-policy and cannot learn from stored transitions; its replay is policy "
-        "distillation: use Replay(mode='distill') (the default for PPO)"
-    )
-    if isinstance(strategy, Replay):
-        if strategy.mode != "distill":
-            raise ValueError(f"Replay(mode={strategy.mode!r}) does not fit PPO. {fix}")
+    """The options a method name is built with on PPO: the method's own
+    ``on_policy_options`` under the user's (a combination: per member)."""
+    if not isinstance(strategy, str):
         return options
-    if isinstance(strategy, str) and JOIN in strategy:  # a combination: its replay member
-        members = method_members(strategy)
-        if "replay" not in members:
-            return options
-        opts = dict(options or {})
-        opts["replay"] = replay_as_distillation("replay", opts.get("replay"))
-        return opts
-    if isinstance(strategy, str) and strategy.strip().lower() == "replay":
-        opts = dict(options or {})
-        mode = opts.setdefault("mode", "distill")
-        if mode != "distill":
-            raise ValueError(f"replay mode {mode!r} does not fit PPO. {fix}")
-        return opts
-    return options
+    members = method_members(strategy)
+    if len(members) == 1:
+        defaults = strategy_class(members[0]).on_policy_options
+        return {**defaults, **(options or {})} if defaults else options
+    opts = dict(options or {})
+    for m in members:
+        defaults = strategy_class(m).on_policy_options
+        if defaults:
+            opts[m] = {**defaults, **(opts.get(m) or {})}
+    return opts
+
+
+def refuse_off_policy(strategy: Strategy) -> None:
+    """PPO learns only from its own rollouts: a method that trains on stored transitions
+    cannot work here."""
+    if strategy.learns_from_stored_transitions:
+        raise ValueError(
+            f"{strategy.name} trains on stored transitions of earlier tasks, which PPO "
+            "(on-policy) cannot learn from; PPO's replay is policy distillation: use replay "
+            "with mode='distill' (PPO's default) or bc"
+        )
 
 
 __all__ = ["BATCH_KEYS", "ContinualPPO", "PPOHost", "PPOLosses", "obs_from_batch"]

@@ -184,3 +184,53 @@ def test_make_strategy_builds_the_batch_methods():
     assert isinstance(make_strategy("si", lam=2.0), SI)
     assert isinstance(make_strategy("lwf", temperature=1.0), LwF)
     assert make_strategy("der", beta=0.5).beta == 0.5
+
+
+def test_bc_clones_earlier_policies_on_ppo_and_sac():
+    from agents.ppo import ContinualPPO
+    from agents.sac import ContinualSAC
+    from envs.continual import ContinualEnv
+    from envs.registry import get_sequence
+
+    ppo = ContinualPPO(
+        "MlpPolicy", ContinualEnv(get_sequence("CartPoleSwap", steps_per_task=128),
+                                  append_task_id=True),
+        num_tasks=2, strategy="bc", strategy_options={"memory_size": 64, "batch_size": 32},
+        multi_head=False, policy_kwargs=dict(net_arch=[16, 16]), n_steps=64, batch_size=32,
+        n_epochs=2, learning_rate=3e-3, seed=0)
+    sac = ContinualSAC(
+        "MlpPolicy", ContinualEnv(get_sequence("PendulumVariants", steps_per_task=150),
+                                  append_task_id=True),
+        num_tasks=4, strategy="bc", strategy_options={"memory_size": 64, "batch_size": 32},
+        exploration_steps=50, policy_kwargs=dict(net_arch=[16, 16]), batch_size=32,
+        buffer_size=2000, seed=0)
+    for agent, steps in ((ppo, 128), (sac, 150)):
+        assert agent.strategy.name == "bc" and agent.strategy.penalty_label == "bc_kl"
+        agent.start_task(0)
+        agent.learn(steps, reset_num_timesteps=False)
+        agent.end_task(0)
+        assert agent.strategy.memory.counts() == {0: 64}
+        assert abs(float(agent.strategy.penalty().detach())) < 1e-5  # the same policy
+        agent.start_task(1)
+        agent.learn(steps, reset_num_timesteps=False)
+        assert float(agent.strategy.penalty().detach()) > 1e-6  # the policy moved on task 1
+        agent.end_task(1)
+        assert agent.strategy.memory.counts() == {0: 32, 1: 32}  # one share per task
+    assert ppo.logger.name_to_value["train/bc_kl"] > 0
+    assert sac.logger.name_to_value["train/penalty"] > 0
+
+
+def test_ppo_refuses_methods_that_learn_from_stored_transitions():
+    from agents.ppo import ContinualPPO
+    from envs.continual import ContinualEnv
+    from envs.registry import get_sequence
+
+    env = ContinualEnv(get_sequence("CartPoleSwap", steps_per_task=64), append_task_id=True)
+    with pytest.raises(ValueError, match="on-policy.*distillation"):
+        ContinualPPO("MlpPolicy", env, num_tasks=2, strategy="der", n_steps=64, batch_size=32)
+    with pytest.raises(ValueError, match="on-policy"):
+        ContinualPPO("MlpPolicy", env, num_tasks=2, strategy="ewc+replay",
+                     strategy_options={"replay": {"mode": "rehearsal"}}, n_steps=64)
+    agent = ContinualPPO("MlpPolicy", env, num_tasks=2, strategy="ewc+replay", n_steps=64,
+                         batch_size=32)
+    assert agent.strategy.members[1].mode == "distill"  # the member's on-policy default

@@ -21,6 +21,7 @@ METHODS: dict[str, str] = {
     "si": "crl.strategies.si:SI",
     "lwf": "crl.strategies.lwf:LwF",
     "der": "crl.strategies.der:DER",
+    "bc": "crl.strategies.bc:BC",
     # plasticity interventions: alone, or combined with a method (ewc+redo)
     "l2init": "crl.strategies.l2init:L2Init",
     "snp": "crl.strategies.snp:ShrinkPerturb",

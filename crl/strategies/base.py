@@ -75,6 +75,17 @@ class Strategy:
     #: (A-GEM projects actor and critic together, as in CW). Otherwise a host may step its
     #: optimisers one after another (SB3's order), calling the step hooks around each.
     needs_joint_update: bool = False
+    #: Whether the method trains on stored transitions of earlier tasks (rehearsal, a kept
+    #: replay buffer): an on-policy host (PPO) refuses such a method.
+    learns_from_stored_transitions: bool = False
+    #: Options an on-policy host (PPO) builds the method with unless the user gives them
+    #: (replay: distillation, the replay an on-policy learner can use).
+    on_policy_options: dict[str, Any] = {}  # noqa: RUF012 - read-only class default
+
+    @property
+    def penalty_label(self) -> str:
+        """The log name of :meth:`penalty`'s value (hosts log it as ``train/<label>``)."""
+        return f"{self.name}_penalty"
 
     def __init__(self) -> None:
         self.host: Host | None = None

@@ -41,6 +41,8 @@ class Composite(Strategy):
         self.name = "+".join(names)
         self.resets_replay_buffer = all(m.resets_replay_buffer for m in members)
         self.needs_joint_update = any(m.needs_joint_update for m in members)
+        self.learns_from_stored_transitions = any(
+            m.learns_from_stored_transitions for m in members)
 
     def bind(self, host: Host) -> Composite:
         super().bind(host)

@@ -36,6 +36,7 @@ class DER(Strategy):
     """DER (``beta=0``) and DER++ (``beta>0``) over a reservoir of ``memory_size`` samples."""
 
     name = "der"
+    learns_from_stored_transitions = True  # its label term trains on stored samples
 
     def __init__(self, memory_size: int = 1000, batch_size: int = 64, alpha: float = 0.5,
                  beta: float = 0.0, seed: int = 0) -> None:

@@ -48,6 +48,7 @@ class Replay(Strategy):
     """
 
     name = "replay"
+    on_policy_options = {"mode": "distill"}  # noqa: RUF012 - read-only class default
 
     def __init__(
         self,
@@ -77,6 +78,11 @@ class Replay(Strategy):
         self.dist_ndims = 0
         if mode == "buffer":
             self.resets_replay_buffer = False
+        self.learns_from_stored_transitions = mode != "distill"
+
+    @property
+    def penalty_label(self) -> str:
+        return "distillation_kl" if self.mode == "distill" else super().penalty_label
 
     def _device(self) -> torch.device:
         param = next(iter(self._host().module.parameters()), None)
