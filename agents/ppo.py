@@ -485,8 +485,10 @@ def refuse_off_policy(strategy: Strategy) -> None:
     """PPO learns only from its own rollouts: a method that trains on stored transitions
     cannot work here."""
     if strategy.learns_from_stored_transitions:
+        mode = getattr(strategy, "mode", None)
+        what = strategy.name + (f" (mode {mode!r})" if isinstance(mode, str) else "")
         raise ValueError(
-            f"{strategy.name} trains on stored transitions of earlier tasks, which PPO "
+            f"{what} trains on stored transitions of earlier tasks, which PPO "
             "(on-policy) cannot learn from; PPO's replay is policy distillation: use replay "
             "with mode='distill' (PPO's default) or bc"
         )
