@@ -165,8 +165,11 @@ def measure(
         for name, m in layers.parametrised.items()
         for attr, p in m.named_parameters(recurse=False)
     }
-    with torch.random.fork_rng(devices=[]), eval_mode(module), torch.enable_grad():
-        torch.manual_seed(0)
+    cuda = sorted({p.device.index or 0 for p in module.parameters() if p.is_cuda})
+    with torch.random.fork_rng(devices=cuda), eval_mode(module), torch.enable_grad():
+        torch.random.default_generator.manual_seed(0)  # the forked streams only
+        for index in cuda:
+            torch.cuda.default_generators[index].manual_seed(0)
         with _first_outputs(layers.activations) as outs:
             loss = host.loss(batch)  # type: ignore[attr-defined]
         grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
@@ -223,9 +226,11 @@ class Probe:
         self._layers: tuple[int, Layers] | None = None
 
     def capture(self, host: object, task: int,
-                batches: Callable[[], Iterable[Mapping[str, torch.Tensor]]] | None = None
-                ) -> bool:
-        """Fix the probe of ``task`` from the host's current data; False if it has none."""
+                batches: Callable[[], Iterable[Mapping[str, torch.Tensor]]] | None = None,
+                complete: bool = False) -> bool:
+        """Fix the probe of ``task`` from the host's current data; False while it holds
+        fewer than ``size`` samples (a replay buffer or rollout store early in the task),
+        unless ``complete`` says the data is all there is (a fixed training set)."""
         if task in self.batches:
             return True
         source = host.importance_batches if batches is None else batches  # type: ignore[attr-defined]
@@ -236,7 +241,7 @@ class Probe:
             have += len(next(iter(batch.values())))
             if have >= self.size:
                 break
-        if not parts:
+        if not parts or (have < self.size and not complete):
             return False
         keys = parts[0].keys()
         self.batches[task] = {
@@ -245,11 +250,11 @@ class Probe:
         return True
 
     def measure(self, host: object, task: int, step: int,
-                batches: Callable[[], Iterable[Mapping[str, torch.Tensor]]] | None = None
-                ) -> dict[str, float]:
+                batches: Callable[[], Iterable[Mapping[str, torch.Tensor]]] | None = None,
+                complete: bool = False) -> dict[str, float]:
         """Metrics on ``task``'s probe (captured now if needed), recorded at ``step``; {}
-        while the task has no data yet."""
-        if not self.capture(host, task, batches):
+        while the task has too little data (see :meth:`capture`)."""
+        if not self.capture(host, task, batches, complete):
             return {}
         module = host.module  # type: ignore[attr-defined]
         if self._layers is None or self._layers[0] != id(module):

@@ -287,3 +287,99 @@ def test_ewc_redo_through_crl_supervised(tiny_mnist_dir, tmp_path):
         "--no-download"], catch_exceptions=False)
     assert out.exit_code == 0, out.output
     assert "ewc+snp" in out.output
+
+
+# -- review findings: resume, hook order, remembered batches --------------------------------
+def _resumable_run(cls, kw, steps, split=None):
+    """A small MLP trained ``steps`` SGD steps; at ``split`` the model, optimiser and strategy
+    go through their state dicts into fresh objects (a checkpoint resume)."""
+    import copy
+
+    class Bare:
+        def __init__(self, m):
+            self.module = m
+
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
+                             nn.Linear(16, 2))
+
+    m = make()
+    s = cls(**kw).bind(Bare(m))
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(32, 4, generator=g) for _ in range(steps)]
+    for i in range(steps):
+        if i == split:
+            st, ms, os_ = (copy.deepcopy(x) for x in (s.state_dict(), m.state_dict(),
+                                                       opt.state_dict()))
+            m = make()
+            m.load_state_dict(ms)
+            s = cls(**kw).bind(Bare(m))
+            s.load_state_dict(st)
+            opt = torch.optim.SGD(m.parameters(), lr=0.1)
+            opt.load_state_dict(os_)
+        m.train()
+        opt.zero_grad()
+        m(xs[i]).pow(2).mean().backward()
+        opt.step()
+        s.after_optimizer_step()
+    return m, s
+
+
+@pytest.mark.parametrize("cls,kw", [(CBP, dict(rate=0.05, maturity=2)),
+                                    (ReDo, dict(tau=0.5, every=3))])
+def test_redo_and_cbp_resume_exactly(cls, kw):
+    a, sa = _resumable_run(cls, kw, 12)
+    b, sb = _resumable_run(cls, kw, 12, split=4)
+    assert getattr(sa, "replaced", getattr(sa, "recycled", 0)) > 0
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["si+redo", "redo+si"])
+def test_si_never_credits_a_recycle_as_training(name):
+    """lr 0: the optimiser moves nothing, so SI's path integral is 0 whatever ReDo does, in
+    either order of the combination."""
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 2))
+    with torch.no_grad():
+        module[0].weight[:8] *= 0.02
+        module[0].bias[:8] = 0.01  # 8 nearly dormant units
+
+    class Bare:
+        def __init__(self, m):
+            self.module = m
+
+        def protected_parameters(self):
+            return dict(self.module.named_parameters())
+
+    s = make_strategy(name, si={"lam": 1.0}, redo={"tau": 0.1, "every": 2}).bind(Bare(module))
+    opt = torch.optim.SGD(module.parameters(), lr=0.0)
+    g = torch.Generator().manual_seed(1)
+    s.on_task_start(0)
+    for _ in range(4):
+        module.train()
+        opt.zero_grad()
+        module(torch.randn(32, 4, generator=g)).pow(2).mean().backward()
+        s.before_optimizer_step()
+        opt.step()
+        s.after_optimizer_step()
+    si = next(m for m in s.members if m.name == "si")
+    redo = next(m for m in s.members if m.name == "redo")
+    assert redo.recycled > 0
+    assert sum(float(p.abs().sum()) for p in si._path) == 0.0
+
+
+def test_der_remembers_a_batch_once_per_update():
+    from crl.strategies.der import DER
+
+    host = Host()
+    der = DER(memory_size=100, batch_size=8).bind(host)
+    der.on_task_start(0)
+    batch = {"x": host.x, "y": host.y}
+    der.penalty(batch)
+    der.penalty(batch)  # SAC asks again for the actor step with regularize_critic
+    assert len(der.memory) == 32
+    der.penalty({"x": host.x, "y": host.y})  # a new batch (same values) is a new sample
+    assert len(der.memory) == 64

@@ -216,3 +216,12 @@ def test_supervised_probe_does_not_change_training(tiny_mnist, tmp_path):
     assert out[True]["plasticity_slope"] == pytest.approx(plasticity_slope(np.diag(R)))
     assert "plasticity" not in out[False]
     assert (tmp_path / "True" / "plots" / "plasticity.png").is_file()
+
+
+def test_probe_waits_for_a_full_batch_unless_the_data_is_complete():
+    host = MLPHost()  # 16 samples
+    probe = Probe(size=20)
+    assert probe.measure(host, 0, step=1) == {}  # a replay buffer still filling: wait
+    assert 0 not in probe.batches
+    row = probe.measure(host, 0, step=2, complete=True)  # a fixed training set of 16
+    assert row and probe.batches[0]["x"].shape == (16, 3)

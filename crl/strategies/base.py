@@ -78,6 +78,10 @@ class Strategy:
     #: Whether the method trains on stored transitions of earlier tasks (rehearsal, a kept
     #: replay buffer): an on-policy host (PPO) refuses such a method.
     learns_from_stored_transitions: bool = False
+    #: Whether the method rewrites weights outside the optimiser step (Shrink & Perturb at
+    #: task starts, ReDo and CBP after steps): combined methods see those rewrites as a
+    #: new starting point, not as training (composite.Composite orders the hooks so).
+    rewrites_weights: bool = False
     #: Options an on-policy host (PPO) builds the method with unless the user gives them
     #: (replay: distillation, the replay an on-policy learner can use).
     on_policy_options: dict[str, Any] = {}  # noqa: RUF012 - read-only class default

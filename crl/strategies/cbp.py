@@ -27,6 +27,7 @@ class CBP(Strategy):
     """Continual Backprop's selective reinitialisation (Dohare et al. 2024)."""
 
     name = "cbp"
+    rewrites_weights = True
 
     def __init__(self, rate: float = 1e-4, maturity: int = 100, decay: float = 0.99,
                  seed: int = 0) -> None:

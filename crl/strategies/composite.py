@@ -1,9 +1,13 @@
 """Several methods at once, e.g. ``ewc+redo``: a continual-learning method with a plasticity
 intervention, or any other combination, as one strategy with one checkpoint state.
 
-Hooks run in the order the methods are named; penalties add up; ``evaluation`` nests every
-member's context. The host-facing flags combine conservatively: the replay buffer is reset
-only if every member allows it, and the update is joint if any member needs it.
+Hooks run in the order the methods are named, except around weight rewrites: members that
+rewrite weights (``rewrites_weights``: Shrink & Perturb, ReDo, CBP) run first at a task start
+and last after each optimiser step, so that the others (SI's path integral, an anchor taken
+at the start) see the rewrite as the new starting point and not as movement by training.
+Penalties add up; ``evaluation`` nests every member's context. The host-facing flags combine
+conservatively: the replay buffer is reset only if every member allows it, and the update is
+joint if any member needs it.
 """
 
 from __future__ import annotations
@@ -17,9 +21,6 @@ from torch.distributions import Distribution
 
 from crl.strategies.base import Batch, Host, Strategy
 
-#: interventions that overwrite weights outside the optimiser step
-REWRITE_WEIGHTS = ("snp", "redo", "cbp")
-
 
 class Composite(Strategy):
     """Members' hooks in order; ``name`` is their names joined by ``+``."""
@@ -31,13 +32,18 @@ class Composite(Strategy):
         names = [m.name for m in members]
         if len(set(names)) != len(names):
             raise ValueError(f"a method appears twice in {'+'.join(names)}; name each once")
-        rewrites = [n for n in names if n in REWRITE_WEIGHTS]
+        rewrites = [m.name for m in members if m.rewrites_weights]
         if "packnet" in names and rewrites:
             raise ValueError(
                 f"packnet cannot be combined with {', '.join(rewrites)}: PackNet keeps each "
                 "finished task's weights frozen and these interventions rewrite weights; use "
                 "l2init with packnet, or an intervention with another method")
         self.members = list(members)
+        self.rewrites_weights = bool(rewrites)
+        first = [m for m in members if m.rewrites_weights]
+        rest = [m for m in members if not m.rewrites_weights]
+        self._start_order = first + rest  # rewrites, then the others see the result
+        self._step_order = rest + first
         self.name = "+".join(names)
         self.resets_replay_buffer = all(m.resets_replay_buffer for m in members)
         self.needs_joint_update = any(m.needs_joint_update for m in members)
@@ -52,7 +58,7 @@ class Composite(Strategy):
 
     def on_task_start(self, task: int) -> None:
         super().on_task_start(task)
-        for m in self.members:
+        for m in self._start_order:
             m.on_task_start(task)
 
     def penalty(self, batch: Batch | None = None,
@@ -76,7 +82,7 @@ class Composite(Strategy):
             m.before_optimizer_step()
 
     def after_optimizer_step(self) -> None:
-        for m in self.members:
+        for m in self._step_order:
             m.after_optimizer_step()
 
     def on_task_end(self, task: int) -> None:

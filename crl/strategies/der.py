@@ -48,6 +48,7 @@ class DER(Strategy):
         self.batch_size = check_positive_int("batch_size", batch_size)
         self.memory = ReservoirMemory(memory_size, seed=seed)
         self.kind: str | None = None
+        self._last: Batch | None = None
 
     def _device(self) -> torch.device:
         param = next(iter(self._host().module.parameters()), None)
@@ -69,8 +70,10 @@ class DER(Strategy):
             total = self.alpha * parameters_mse(self.kind, stored, dist)
             if label is not None:
                 total = total + label
-        if batch is not None and self.current_task is not None:
+        if batch is not None and self.current_task is not None and batch is not self._last:
+            # a host may ask twice per update (SAC's critic and actor steps): store it once
             self._remember(batch, outputs)
+            self._last = batch
         return total
 
     def _remember(self, batch: Batch, outputs: Distribution | None) -> None:

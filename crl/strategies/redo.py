@@ -27,6 +27,7 @@ class ReDo(Strategy):
     counts its actor and critic steps apart, as the hooks run around each."""
 
     name = "redo"
+    rewrites_weights = True
 
     def __init__(self, tau: float = 0.025, every: int = 1000, seed: int = 0) -> None:
         super().__init__()

@@ -21,6 +21,7 @@ class ShrinkPerturb(Strategy):
     """θ ← shrink·θ + noise·ε at each task start after the first (Ash & Adams 2020)."""
 
     name = "snp"
+    rewrites_weights = True
 
     def __init__(self, shrink: float = 0.8, noise: float = 0.01, seed: int = 0) -> None:
         super().__init__()

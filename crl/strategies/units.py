@@ -169,14 +169,16 @@ class UnitTracker:
         named = dict(self._module.named_modules())
         layer = self.layers[name]
         producer = named[layer.producer]
-        fresh = copy.deepcopy(producer)
+        # a CPU copy drawn from its own seed: no random stream of training (CPU or GPU) moves
+        fresh = copy.deepcopy(producer).cpu()
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(generator_seed)
+            torch.random.default_generator.manual_seed(generator_seed)
             fresh.reset_parameters()  # type: ignore[operator]
         idx = units.to(producer.weight.device).long()
-        producer.weight[idx] = fresh.weight[idx].to(producer.weight.dtype)
+        cpu_idx = idx.cpu()
+        producer.weight[idx] = fresh.weight[cpu_idx].to(producer.weight)
         if producer.bias is not None:
-            producer.bias[idx] = fresh.bias[idx].to(producer.bias.dtype)
+            producer.bias[idx] = fresh.bias[cpu_idx].to(producer.bias)
         for cname in layer.consumers:
             for p in own_parameters(named[cname]):
                 if p.dim() >= 2 and p.shape[1] == layer.width:
@@ -185,11 +187,22 @@ class UnitTracker:
 
     # -- state -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, object]:
-        return {"activity": dict(self.activity), "calls": dict(self.calls)}
+        """Activity sums and the layers found (a resume records its first pass, as the
+        uninterrupted run does, instead of spending it on discovery)."""
+        layers = {n: {"activation": u.activation, "producer": u.producer,
+                      "consumers": list(u.consumers), "width": u.width}
+                  for n, u in self.layers.items()} if self._discovered else None
+        return {"activity": dict(self.activity), "calls": dict(self.calls), "layers": layers}
 
     def load_state_dict(self, state: dict[str, object]) -> None:
         self.activity = dict(state.get("activity", {}))  # type: ignore[arg-type]
         self.calls = {str(k): int(v) for k, v in dict(state.get("calls", {})).items()}  # type: ignore[arg-type]
+        layers = state.get("layers")
+        if isinstance(layers, dict):
+            self.layers = {str(n): UnitLayer(str(u["activation"]), str(u["producer"]),
+                                             [str(c) for c in u["consumers"]], int(u["width"]))
+                           for n, u in layers.items()}
+            self._discovered = True
 
 
 

@@ -472,7 +472,8 @@ def run_sequence(
             measured = run.probe.measure(
                 host, i, run.updates,
                 # its own seed: the training generator must not see the probe
-                batches=lambda task=task, i=i: task.batches(config.plasticity_probe, seed=i))
+                batches=lambda task=task, i=i: task.batches(config.plasticity_probe, seed=i),
+                complete=True)
             run.probe_seconds += time.perf_counter() - t0
         if on_task_end is not None:
             on_task_end(i, run.matrix[i], run.updates, measured)
