@@ -26,6 +26,7 @@ from crl.cli import main
 from crl.report import ReportError, align, default_out_dir, report, report_wandb, seed_band
 
 PPO_EWC = RL_METHOD_DEFAULTS["ppo"]["ewc"]["lam"]
+SAC_EWC = RL_METHOD_DEFAULTS["sac"]["ewc"]["lam"]
 
 STEPS = [0, 50, 100, 150, 200]
 
@@ -120,7 +121,7 @@ def rl_runs(tmp_path: Path) -> Path:
         scores = [[0.0, 0.0], [0.5, 0.1], [0.8 + s / 4, 0.1], [0.4, 0.6], [0.3 + s, 0.9]]
         write_rl_run(root / "Seq-sac", f"ewc-seed{seed}", method="ewc", seed=seed,
                      perf=EWC_PERF[seed], forgetting=EWC_FORGETTING[seed], ft=EWC_FT[seed],
-                     scores=scores, method_options={"ewc": {"lam": 10000.0}})
+                     scores=scores, method_options={"ewc": {"lam": SAC_EWC}})
         write_rl_run(root / "Seq-sac", f"finetune-seed{seed}", method="finetune", seed=seed,
                      perf=0.4 + 0.01 * seed, forgetting=0.8 - 0.1 * seed, ft=None,
                      scores=[[0.1, 0.0]] * 2 + [[1.0, 0.0], [0.2, 0.5], [0.0, 1.0]])
@@ -130,7 +131,7 @@ def rl_runs(tmp_path: Path) -> Path:
 # --------------------------------------------------------------------------------------------
 def test_rl_means_and_intervals_equal_scipy_and_files(rl_runs: Path, tmp_path: Path) -> None:
     res = report([rl_runs], tmp_path / "out", console=quiet(), plots=False)
-    # lam=1e4 is what `crl train` gives SAC's EWC when the user sets nothing: no label
+    # SAC_EWC is what `crl train` gives SAC's EWC when the user sets nothing: no label
     assert [r.method for r in res.rows] == ["finetune", "ewc"]
     ewc = res.rows[1]
     assert ewc.seeds == [0, 1, 2] and len(ewc.runs) == 3
