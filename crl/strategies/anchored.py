@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.distributions import Distribution
 
-from crl.strategies.base import Batch, Host, Strategy
+from crl.strategies.base import Batch, Host, Strategy, snapshot
 
 Tensors = dict[str, torch.Tensor]
 #: One quadratic term: (weights or None for w = 1, anchor).
@@ -210,7 +210,7 @@ class SingleAnchor(AnchoredPenalty):
         return [] if self.anchor is None else [(None, self.anchor)]
 
     def _set_anchor(self) -> None:
-        self.anchor = {n: p.detach().clone() for n, p in self._protected().items()}
+        self.anchor = snapshot(self._protected())
         self._rebuild()
 
     def state_dict(self) -> dict[str, Any]:

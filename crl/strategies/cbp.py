@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from crl.strategies.base import Host, Strategy
-from crl.strategies.units import UnitTracker, own_parameters, unit_seed
+from crl.strategies.units import UnitTracker, unit_seed
 
 
 class CBP(Strategy):
@@ -55,14 +55,10 @@ class CBP(Strategy):
 
     def _outgoing(self, name: str) -> torch.Tensor:
         """Σ_k |w_ki| over every consumer of the layer (per unit i)."""
-        layer = self.tracker.layers[name]
-        named = dict(self._host().module.named_modules())
-        total = torch.zeros(layer.width)
-        for cname in layer.consumers:
-            for p in own_parameters(named[cname]):
-                if p.dim() >= 2 and p.shape[1] == layer.width:
-                    dims = [d for d in range(p.dim()) if d != 1]
-                    total = total + p.detach().abs().sum(dim=dims).to(total)
+        total = torch.zeros(self.tracker.layers[name].width)
+        for p in self.tracker.outgoing(name):
+            dims = [d for d in range(p.dim()) if d != 1]
+            total = total + p.detach().abs().sum(dim=dims).to(total)
         return total
 
     @torch.no_grad()

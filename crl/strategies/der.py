@@ -29,7 +29,12 @@ from torch.distributions import Distribution
 
 from crl.strategies.base import Batch, Strategy
 from crl.strategies.distill import check_keys, distribution_parameters, parameters_mse, split_stored
-from crl.strategies.memory import ReservoirMemory, check_positive_int, to_device
+from crl.strategies.memory import (
+    ReservoirMemory,
+    check_positive_int,
+    module_device,
+    to_device,
+)
 
 
 class DER(Strategy):
@@ -51,8 +56,7 @@ class DER(Strategy):
         self._last: Batch | None = None
 
     def _device(self) -> torch.device:
-        param = next(iter(self._host().module.parameters()), None)
-        return param.device if param is not None else torch.device("cpu")
+        return module_device(self._host().module)
 
     def penalty(self, batch: Batch | None = None,
                 outputs: Distribution | None = None) -> torch.Tensor | None:

@@ -83,6 +83,12 @@ def concat_batches(batches: Sequence[Batch]) -> dict[str, torch.Tensor]:
     return {k: torch.cat([b[k] for b in batches], dim=0) for k in batches[0]}
 
 
+def module_device(module: torch.nn.Module) -> torch.device:
+    """Where a memory sample must go: the device of the model's parameters (CPU if none)."""
+    param = next(iter(module.parameters()), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
 def to_device(batch: Batch, device: torch.device | str) -> dict[str, torch.Tensor]:
     """Move a memory sample to the model's device."""
     return {k: v.to(device) for k, v in batch.items()}

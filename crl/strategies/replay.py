@@ -34,7 +34,12 @@ from crl.strategies.distill import (
     rebuild_distribution,
     split_stored,
 )
-from crl.strategies.memory import ReservoirMemory, check_positive_int, to_device
+from crl.strategies.memory import (
+    ReservoirMemory,
+    check_positive_int,
+    module_device,
+    to_device,
+)
 
 MODES = ("rehearsal", "distill", "buffer")
 
@@ -85,8 +90,7 @@ class Replay(Strategy):
         return "distillation_kl" if self.mode == "distill" else super().penalty_label
 
     def _device(self) -> torch.device:
-        param = next(iter(self._host().module.parameters()), None)
-        return param.device if param is not None else torch.device("cpu")
+        return module_device(self._host().module)
 
     def on_task_end(self, task: int) -> None:
         if self.mode == "rehearsal":

@@ -55,16 +55,15 @@ class UnitTracker:
         self.activity: dict[str, torch.Tensor] = {}
         self.calls: dict[str, int] = {}
         self.last: dict[str, torch.Tensor] = {}
-        self._module: nn.Module | None = None
+        self._named: dict[str, nn.Module] = {}  # the attached module's, by name
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._discovered = False
 
     def attach(self, module: nn.Module) -> None:
         """Hook ``module``'s activations (found lazily on the next training forward)."""
         self.detach()
-        self._module = module
         self._discovered = False
-        named = dict(module.named_modules())
+        named = self._named = dict(module.named_modules())
         acts = {n: m for n, m in named.items() if isinstance(m, ACTIVATIONS)}
         params = {n: m for n, m in named.items() if own_parameters(m)}
         outputs: dict[int, str] = {}  # id(output tensor) -> producer name, this pass
@@ -154,6 +153,13 @@ class UnitTracker:
         return out
 
     # -- recycling -------------------------------------------------------------------------
+    def outgoing(self, name: str) -> list[nn.Parameter]:
+        """The consumers' weights whose dim 1 carries the layer's units outward."""
+        width = self.layers[name].width
+        return [p for cname in self.layers[name].consumers
+                for p in own_parameters(self._named[cname])
+                if p.dim() >= 2 and p.shape[1] == width]
+
     def recyclable(self, name: str) -> bool:
         """Units whose outgoing weights are known (see the module docstring)."""
         return bool(self.layers[name].consumers)
@@ -165,10 +171,8 @@ class UnitTracker:
         consumer. Returns the number of units recycled."""
         if units.numel() == 0:
             return 0
-        assert self._module is not None
-        named = dict(self._module.named_modules())
         layer = self.layers[name]
-        producer = named[layer.producer]
+        producer = self._named[layer.producer]
         # a CPU copy drawn from its own seed: no random stream of training (CPU or GPU) moves
         fresh = copy.deepcopy(producer).cpu()
         with torch.random.fork_rng(devices=[]):
@@ -179,10 +183,8 @@ class UnitTracker:
         producer.weight[idx] = fresh.weight[cpu_idx].to(producer.weight)
         if producer.bias is not None:
             producer.bias[idx] = fresh.bias[cpu_idx].to(producer.bias)
-        for cname in layer.consumers:
-            for p in own_parameters(named[cname]):
-                if p.dim() >= 2 and p.shape[1] == layer.width:
-                    p[:, idx] = 0.0
+        for p in self.outgoing(name):
+            p[:, idx] = 0.0
         return int(idx.numel())
 
     # -- state -----------------------------------------------------------------------------
