@@ -15,6 +15,7 @@ methods of each setting. Runs that did not finish are listed as skipped, never f
 from __future__ import annotations
 
 import csv
+import dataclasses
 import inspect
 import json
 import math
@@ -322,6 +323,23 @@ def _flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
+def _config_defaults(kind: str) -> dict[str, str]:
+    """The flattened defaults of a run's config class: a key an older run's config lacks
+    (a field added since) counts as its default, not as a different setting."""
+    if kind == RL:
+        from agents.config import RunConfig
+
+        return _flatten(dataclasses.asdict(RunConfig()))
+    from crl.supervised.experiment import SupervisedConfig
+
+    return _flatten(dataclasses.asdict(SupervisedConfig()))
+
+
+def flat_config(run: RunData) -> dict[str, str]:
+    """The run's config as comparable strings, absent fields at their defaults."""
+    return _config_defaults(run.kind) | _flatten(run.config)
+
+
 def _group_notes(runs: Sequence[RunData], specs: Sequence[MetricSpec]) -> list[str]:
     notes = []
     seeds = [r.seed for r in runs]
@@ -329,7 +347,7 @@ def _group_notes(runs: Sequence[RunData], specs: Sequence[MetricSpec]) -> list[s
     if dup:
         notes.append(f"seed(s) {dup} appear more than once: repeated runs count as extra "
                      "seeds")
-    flat = [_flatten(r.config) for r in runs]
+    flat = [flat_config(r) for r in runs]
     keys = sorted(set().union(*flat))
     differ = [k for k in keys if len({f.get(k) for f in flat}) > 1]
     if differ:
@@ -358,7 +376,7 @@ def split_by_settings(
     labelled with the settings that tell them apart."""
     out: dict[tuple[str, str, str, str], list[RunData]] = {}
     for key, members in groups.items():
-        flat = [_flatten(r.config) for r in members]
+        flat = [flat_config(r) for r in members]
         differ = [k for k in sorted(set().union(*flat)) if len({f.get(k) for f in flat}) > 1]
         if not differ:
             out[key] = list(members)

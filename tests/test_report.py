@@ -266,6 +266,21 @@ def test_method_options_and_other_settings_split_groups(tmp_path: Path) -> None:
     assert res.plot_paths == []
 
 
+def test_a_field_older_runs_lack_counts_as_its_default(tmp_path: Path) -> None:
+    """Runs made before a RunConfig field existed are the same setting as runs that hold its
+    default value, and a different one from runs that changed it."""
+    root = tmp_path / "r"
+    for name, seed, plasticity in (("old", 0, None), ("new", 1, True), ("off", 2, False)):
+        d = write_rl_run(root, name, method="ewc", seed=seed, perf=0.5, forgetting=0.1, ft=0.0)
+        if plasticity is not None:
+            c = yaml.safe_load((d / "config.yaml").read_text())
+            c["plasticity"] = plasticity
+            (d / "config.yaml").write_text(yaml.safe_dump(c))
+    res = report([root], tmp_path / "out", console=quiet(), plots=False)
+    assert sorted((r.method, sorted(r.seeds)) for r in res.rows) == [
+        ("ewc [plasticity=False]", [2]), ("ewc [plasticity=True]", [0, 1])]
+
+
 def test_supervised_matrices_are_averaged_over_seeds(tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     root = tmp_path / "sl"
