@@ -16,7 +16,7 @@ as tensors, numbers, strings, bytes, lists and dicts only:
 * the logger's values recorded but not yet written (PPO's ``train/`` values are written
   with the next rollout's statistics, after a checkpoint at the rollout start);
 * the generators of our own and SB3's that are not global: the action space's (SAC's
-  random exploration), SAC's importance sampler, the reservoir of the replay buffer;
+  random exploration), SAC's importance sampler;
 * the replay buffer (optional, it is large): its filled part as tensors, ``pos``, ``full``
   and the task tag of each slot;
 * the training env (:func:`envs.snapshot.capture_env`).
@@ -104,7 +104,7 @@ def _as_tensor(arr: np.ndarray) -> torch.Tensor:
 
 
 def replay_buffer_state(buf: Any, *, include_arrays: bool = True) -> dict[str, Any]:
-    """Position, task tags and reservoir generator; the filled part of the arrays if asked."""
+    """Position and task tags; the filled part of the arrays if asked."""
     meta = {
         "class": type(buf).__name__, "buffer_size": int(buf.buffer_size),
         "n_envs": int(buf.n_envs), "pos": int(buf.pos), "full": bool(buf.full),
@@ -112,11 +112,8 @@ def replay_buffer_state(buf: Any, *, include_arrays: bool = True) -> dict[str, A
         "obs_shape": repr(getattr(buf, "obs_shape", None)),
         "action_dim": int(getattr(buf, "action_dim", 0)),
     }
-    for key in ("num_seen", "current_task", "reservoir"):
-        if hasattr(buf, key):
-            meta[key] = getattr(buf, key)
-    rng = getattr(buf, "rng", None)
-    meta["rng"] = rng.bit_generator.state if isinstance(rng, np.random.Generator) else None
+    if hasattr(buf, "current_task"):
+        meta["current_task"] = buf.current_task
     arrays = None
     if include_arrays:
         n = _filled(buf)
@@ -158,8 +155,12 @@ def load_replay_buffer_state(buf: Any, state: Mapping[str, Any]) -> bool:
                 f"replay buffer {key} is {meta[key]!r} in the checkpoint, {here!r} here; build "
                 "the agent with the checkpoint's buffer settings"
             )
-    if meta["rng"] is not None and isinstance(getattr(buf, "rng", None), np.random.Generator):
-        buf.rng.bit_generator.state = meta["rng"]
+    if meta.get("reservoir"):
+        raise CheckpointError(
+            "the checkpoint's replay buffer is a reservoir over the whole sequence, written by "
+            "a crl version before replay's perfect memory moved into the strategy's memory: "
+            "finish the run with that version, or start it again"
+        )
     if hasattr(buf, "current_task") and "current_task" in meta:
         buf.current_task = int(meta["current_task"])
     if state["arrays"] is None:
@@ -173,8 +174,6 @@ def load_replay_buffer_state(buf: Any, state: Mapping[str, Any]) -> bool:
         else:
             _put(buf, name, target, saved)
     buf.pos, buf.full = int(meta["pos"]), bool(meta["full"])
-    if "num_seen" in meta:
-        buf.num_seen = int(meta["num_seen"])
     return True
 
 
@@ -234,8 +233,7 @@ def _buffer_warning(agent: Any, state: Mapping[str, Any]) -> str | None:
     meta = state["meta"]
     if not meta["full"] and meta["pos"] == 0:
         return None
-    if (not agent.task_running and getattr(agent, "reset_buffer", False)
-            and agent.strategy.resets_replay_buffer):
+    if not agent.task_running and getattr(agent, "reset_buffer", False):
         return None  # the next start_task empties the buffer anyway
     return ("the checkpoint holds no replay buffer (written with --no-checkpoint-buffer): "
             "training continues from an empty buffer and collects a batch before its next "

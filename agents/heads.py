@@ -11,7 +11,9 @@ every head and picks each sample's with a gather, with no branching on tensor va
 from __future__ import annotations
 
 import math
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -35,6 +37,20 @@ def _one_hot(obs: torch.Tensor | dict[str, torch.Tensor], num_tasks: int) -> tor
 
 
 TaskIndex = torch.Tensor | int
+
+
+def as_task(obs: Any, task: int, num_tasks: int) -> Any:
+    """A copy of a NumPy observation batch whose task one-hot says ``task``: the policy then
+    acts with that task's head (ClonEx's exploration with an earlier task's policy)."""
+    if isinstance(obs, dict):
+        out = {k: np.array(v, copy=True) for k, v in obs.items()}
+        out["task_id"][...] = 0
+        out["task_id"][..., task] = 1
+        return out
+    out = np.array(obs, copy=True)
+    out[..., -num_tasks:] = 0
+    out[..., out.shape[-1] - num_tasks + task] = 1
+    return out
 
 
 def uniform_task(task: torch.Tensor) -> TaskIndex:

@@ -15,12 +15,12 @@ Penalty convention everywhere: ``lam * sum_i w_i (theta_i - theta*_i)^2`` with n
   (1e3 chosen, against CW's 1e4: at 1e4 the new-task gain falls to 0.62 from 0.71 and
   forgetting rises to 0.11 from -0.05); MAS 1e2 0.804, 1e3 0.810, 1e4 0.829 (CW's 1e4);
   PackNet retraining 100 steps 0.804, 1000 0.918; A-GEM memory 256 per task 0.308, 2048
-  0.361; finetune 0.392. Replay's memory is the agent's buffer (CW's perfect memory,
-  ``--buffer-size``, SB3's 1e6 kept: 1e4 and 1e6 gave 0.556 and 0.538 on the two seeds done
-  when this was set). Before it, the SAC strengths were Continual World's (Wołczyk et al.
-  2021, "Continual World: A Robotic Benchmark For Continual Reinforcement Learning";
-  ``cl_reg_coef`` in the CW repository's ``examples/paper_cl_experiments.sh``): L2 1e5,
-  EWC 1e4, MAS 1e4. CW's regulariser has the
+  0.361; finetune 0.392. Replay is CW's perfect memory, 1e6 transitions as SB3's buffer
+  (calibrated when the memory was the agent's own buffer, ``--buffer-size`` 1e4 and 1e6:
+  0.556 and 0.538 on the two seeds done when this was set). Before it, the SAC strengths
+  were Continual World's (Wołczyk et al. 2021, "Continual World: A Robotic Benchmark For
+  Continual Reinforcement Learning"; ``cl_reg_coef`` in the CW repository's
+  ``examples/paper_cl_experiments.sh``): L2 1e5, EWC 1e4, MAS 1e4. CW's regulariser has the
   same form (no 1/2, summed over the actor trunk, added to the batch-mean actor loss) and the
   same EWC Fisher for the pre-tanh Gaussian (1/sigma^2 (d mu)^2 + 2/sigma^2 (d sigma)^2), so
   its numbers carry over. Differences: CW clips each sample's Fisher from below at 1e-5 and
@@ -66,9 +66,10 @@ RL_METHOD_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
         "mas": {"lam": 1e4},
         "packnet": {"retrain_steps": 1000},
         "agem": {"memory_per_task": 2048},
-        # CW's "perfect memory": the replay buffer becomes a reservoir over the whole
-        # sequence, never reset (its size is --buffer-size)
-        "replay": {"mode": "buffer"},
+        # CW's "perfect memory": every finished task's transitions stay in the strategy's
+        # memory (SB3's default buffer size; a reservoir beyond it) and each batch is a
+        # uniform draw over them and the running task's buffer
+        "replay": {"mode": "buffer", "memory_size": 1_000_000},
     },
 }
 

@@ -21,16 +21,18 @@ actor loss's gradient), so ``host.loss`` = critic loss + actor loss has the acto
 gradient on the actor and the critic-loss gradient on the critic, as CW computes them.
 
 Task switches follow Continual World's defaults (Wołczyk et al. 2021), each configurable:
-reset the replay buffer (never under ``Replay(mode="buffer")``, which gets a reservoir buffer
-instead), reset every optimiser's state, keep the critic, act uniformly at random for the
-first ``exploration_steps`` of each task (SB3's ``learning_starts``, re-armed per task), and
-optionally learn one entropy coefficient per task.
+reset the replay buffer (``Replay(mode="buffer")``, CW's perfect memory, keeps the finished
+tasks' transitions in the strategy's memory and mixes them into every batch: see
+:meth:`ContinualSAC._training_batch`), reset every optimiser's state, keep the critic, act
+uniformly at random for the first ``exploration_steps`` of each task (SB3's
+``learning_starts``, re-armed per task), and optionally learn one entropy coefficient per
+task.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,10 +49,12 @@ from torch.distributions import Distribution, Independent, Normal
 from torch.nn import functional as F
 
 from agents.continual import ContinualAgent, build_strategy, check_num_tasks
-from agents.heads import task_index_from_obs
+from agents.evaluation import BatchedEvaluator
+from agents.heads import as_task, task_index_from_obs
 from agents.sac_buffer import TaskReplayBuffer
 from agents.sac_policy import MultiHeadSACPolicy
 from crl.strategies import Batch, Strategy
+from crl.strategies.memory import batch_length, concat_batches
 
 
 @dataclass
@@ -122,6 +126,12 @@ class SACHost:
 
     def importance_batches(self) -> Iterator[Batch]:
         return self.agent.task_batches()
+
+    def experience_batches(self) -> Iterator[Batch]:
+        return self.agent.task_batches(everything=True)
+
+    def head_returns(self, heads: Sequence[int], episodes: int) -> list[float]:
+        return self.agent.head_returns(heads, episodes)
 
     def output_distribution(self, batch: Batch) -> Distribution:
         """The pre-tanh Gaussian (CW); its Fisher equals the squashed policy's."""
@@ -208,10 +218,6 @@ class ContinualSAC(ContinualAgent, SAC):
         policy = self._resolve_policy(policy, sb3_kwargs)
         if sb3_kwargs.get("replay_buffer_class") is None and sb3_kwargs.get("n_steps", 1) == 1:
             sb3_kwargs["replay_buffer_class"] = TaskReplayBuffer
-            kwargs = dict(sb3_kwargs.get("replay_buffer_kwargs") or {})
-            kwargs.setdefault("reservoir", not built.resets_replay_buffer)
-            kwargs.setdefault("seed", seed)
-            sb3_kwargs["replay_buffer_kwargs"] = kwargs
         super().__init__(policy, env, learning_starts=self.exploration_steps, **sb3_kwargs)
         self._importance_rng = np.random.default_rng(seed)
         self._init_continual(built, None, num_tasks, seed, reset_optimizer)
@@ -268,7 +274,7 @@ class ContinualSAC(ContinualAgent, SAC):
         return out
 
     def _on_task_switch(self, task: int, first: bool) -> dict[str, Any]:
-        buffer_reset = not first and self.reset_buffer and self.strategy.resets_replay_buffer
+        buffer_reset = not first and self.reset_buffer
         if buffer_reset:
             self.replay_buffer.reset()  # type: ignore[union-attr]
         if isinstance(self.replay_buffer, TaskReplayBuffer):
@@ -284,6 +290,53 @@ class ContinualSAC(ContinualAgent, SAC):
         if isinstance(self.replay_buffer, TaskReplayBuffer) and self.current_task is not None:
             self.replay_buffer.current_task = self.current_task
 
+    # -- ClonEx's exploration -------------------------------------------------------------
+    def head_returns(self, heads: Sequence[int], episodes: int) -> list[float]:
+        """Mean return on the running task of acting (deterministically) with each of
+        ``heads``' policy: the task one-hot of the observation is set to the head's task, so
+        a multi-head actor uses that head (a single-head actor sees that task's id). Every
+        head plays the same ``episodes`` episode seeds, drawn from (seed, task)."""
+        env = self.get_env()
+        if env is None or self.current_task is None:
+            raise RuntimeError("head_returns needs a running task (call start_task first)")
+        try:
+            sequence = env.get_attr("sequence")[0]
+            with_id = bool(env.get_attr("append_task_id")[0])
+        except AttributeError as err:
+            raise ValueError(
+                "ClonEx's exploration plays earlier heads on the running task, which needs the "
+                "training env to be a ContinualEnv of the sequence"
+            ) from err
+        if not with_id:
+            raise ValueError(
+                "ClonEx's exploration selects a head through the task id in the observation; "
+                "build the env with ContinualEnv(..., append_task_id=True)"
+            )
+        seed = int(np.random.SeedSequence([int(self.seed or 0), 0xC10E, self.current_task])
+                   .generate_state(1)[0])
+        num_tasks = sequence.num_tasks
+        out = []
+        with BatchedEvaluator(sequence, episodes, tasks=[self.current_task],
+                              seed=seed) as evaluator:
+            for head in heads:
+                result = evaluator.evaluate(_HeadPolicy(self.policy, int(head), num_tasks))
+                out.append(float(result.mean_returns[0]))
+        return out
+
+    def _sample_action(self, learning_starts: int, action_noise: Any = None,
+                       n_envs: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """SB3's, except that the warm-up acts with the strategy's exploration head (ClonEx)
+        instead of uniform random actions when the strategy names one."""
+        head = self.strategy.exploration_head
+        if head is None or self.num_timesteps >= learning_starts:
+            return super()._sample_action(learning_starts, action_noise, n_envs)
+        last = self._last_obs
+        self._last_obs = as_task(last, head, self.num_tasks)  # type: ignore[arg-type]
+        try:  # learning_starts=0: SB3's branch that samples the policy
+            return super()._sample_action(0, action_noise, n_envs)
+        finally:
+            self._last_obs = last  # the buffer stores the true observation
+
     # -- data of the finished task -------------------------------------------------------
     def probe_batches(self) -> Iterator[Batch]:
         """The running task's transitions drawn with a generator of their own (seed, task):
@@ -292,10 +345,12 @@ class ContinualSAC(ContinualAgent, SAC):
         rng = np.random.default_rng([int(self.seed or 0), task + 1])
         return self.task_batches(rng)
 
-    def task_batches(self, rng: np.random.Generator | None = None) -> Iterator[Batch]:
+    def task_batches(self, rng: np.random.Generator | None = None, *,
+                     everything: bool = False) -> Iterator[Batch]:
         """Up to ``importance_samples`` transitions of the running task, without replacement,
         from the replay buffer, as dict batches (obs, actions, next_obs, rewards, dones);
-        drawn with ``rng`` (default: the agent's importance generator)."""
+        drawn with ``rng`` (default: the agent's importance generator). ``everything``: all
+        of the task's transitions in buffer order (what a perfect memory keeps), no draw."""
         buf = self.replay_buffer
         if not isinstance(buf, ReplayBuffer) or isinstance(buf.observations, dict):
             raise TypeError(
@@ -307,27 +362,39 @@ class ContinualSAC(ContinualAgent, SAC):
         else:  # unknown writer per slot: whatever the buffer holds (reset at each switch)
             upper = buf.buffer_size if buf.full else buf.pos
             slots = np.arange(upper)
-        n = min(self.importance_samples, len(slots))
-        if n == 0:
-            return
-        rng = self._importance_rng if rng is None else rng
-        chosen = rng.choice(slots, size=n, replace=False)
-        envs = rng.integers(0, buf.n_envs, size=n)
-        for start in range(0, n, self.importance_batch_size):
-            idx = chosen[start : start + self.importance_batch_size]
-            env = envs[start : start + self.importance_batch_size]
-            if buf.optimize_memory_usage:
-                next_obs = buf.observations[(idx + 1) % buf.buffer_size, env]
-            else:
-                next_obs = buf.next_observations[idx, env]
-            dones = buf.dones[idx, env] * (1 - buf.timeouts[idx, env])
-            yield {
-                "obs": buf.to_torch(buf.observations[idx, env]),
-                "actions": buf.to_torch(buf.actions[idx, env]),
-                "next_obs": buf.to_torch(next_obs),
-                "rewards": buf.to_torch(buf.rewards[idx, env].reshape(-1, 1)),
-                "dones": buf.to_torch(dones.reshape(-1, 1)),
-            }
+            if buf.full and buf.optimize_memory_usage:  # slot pos holds no valid next_obs
+                slots = slots[slots != buf.pos]
+        if everything:
+            chosen = np.repeat(slots, buf.n_envs)
+            envs = np.tile(np.arange(buf.n_envs), len(slots))
+            size = max(self.importance_batch_size, 4096)
+        else:
+            n = min(self.importance_samples, len(slots))
+            if n == 0:
+                return
+            rng = self._importance_rng if rng is None else rng
+            chosen = rng.choice(slots, size=n, replace=False)
+            envs = rng.integers(0, buf.n_envs, size=n)
+            size = self.importance_batch_size
+        for start in range(0, len(chosen), size):
+            yield self._transitions(chosen[start : start + size], envs[start : start + size])
+
+    def _transitions(self, idx: np.ndarray, env: np.ndarray) -> dict[str, torch.Tensor]:
+        """Buffer rows (slot, env) as a dict batch with the keys of :meth:`train`'s batches."""
+        buf = self.replay_buffer
+        assert isinstance(buf, ReplayBuffer)
+        if buf.optimize_memory_usage:
+            next_obs = buf.observations[(idx + 1) % buf.buffer_size, env]
+        else:
+            next_obs = buf.next_observations[idx, env]
+        dones = buf.dones[idx, env] * (1 - buf.timeouts[idx, env])
+        return {
+            "obs": buf.to_torch(buf.observations[idx, env]),
+            "actions": buf.to_torch(buf.actions[idx, env]),
+            "next_obs": buf.to_torch(next_obs),
+            "rewards": buf.to_torch(buf.rewards[idx, env].reshape(-1, 1)),
+            "dones": buf.to_torch(dones.reshape(-1, 1)),
+        }
 
     # -- the losses of a batch -----------------------------------------------------------
     @contextlib.contextmanager
@@ -490,6 +557,36 @@ class ContinualSAC(ContinualAgent, SAC):
             torch._foreach_mul_(cached[3], 1.0 - self.tau)
             torch._foreach_add_(cached[3], cached[2], alpha=self.tau)
 
+    def _training_batch(self, batch_size: int) -> Batch:
+        """SB3's replay sample as a dict batch; a strategy that keeps earlier tasks'
+        transitions (replay's perfect memory) supplies part of it (``replay_batch``)."""
+        buf = self.replay_buffer
+        assert buf is not None
+        extra = self.strategy.replay_batch(batch_size, buf.size() * buf.n_envs)
+        own = batch_size - (0 if extra is None else batch_length(extra))
+        if own == 0:
+            assert extra is not None
+            return extra
+        data = buf.sample(own, env=self._vec_normalize_env)
+        batch = {
+            "obs": data.observations,
+            "actions": data.actions,
+            "next_obs": data.next_observations,
+            "rewards": data.rewards,
+            "dones": data.dones,
+        }
+        if data.discounts is not None:
+            batch["discounts"] = data.discounts
+        if extra is None:
+            return batch
+        if set(extra) != set(batch):
+            raise ValueError(
+                f"the strategy's stored transitions have keys {sorted(extra)} but the replay "
+                f"buffer's batches {sorted(batch)}: n-step returns (n_steps > 1) cannot be "
+                "mixed with stored one-step transitions; use n_steps=1 with this method"
+            )
+        return concat_batches([batch, extra])
+
     def train(self, gradient_steps: int, batch_size: int = 64) -> None:
         self.policy.set_training_mode(True)
         optimizers = list(self._optimizers().values())
@@ -499,17 +596,7 @@ class ContinualSAC(ContinualAgent, SAC):
         ent_coef_losses, ent_coefs, penalties = [], [], []
         actor_losses, critic_losses = [], []
         for gradient_step in range(gradient_steps):
-            data = self.replay_buffer.sample(batch_size, env=self._vec_normalize_env)  # type: ignore[union-attr]
-            batch = {
-                "obs": data.observations,
-                "actions": data.actions,
-                "next_obs": data.next_observations,
-                "rewards": data.rewards,
-                "dones": data.dones,
-            }
-            if data.discounts is not None:
-                batch["discounts"] = data.discounts
-            losses, penalty = update(batch)
+            losses, penalty = update(self._training_batch(batch_size))
             assert losses.actor_loss is not None
             critic_losses.append(losses.critic_loss.item())
             actor_losses.append(losses.actor_loss.item())
@@ -538,6 +625,18 @@ class ContinualSAC(ContinualAgent, SAC):
             self.logger.record("train/penalty", np.mean(penalties))
         for key, value in self.strategy.diagnostics().items():
             self.logger.record(f"train/{key}", value)
+
+
+class _HeadPolicy:
+    """A predictor that acts as ``policy`` would on task ``head``'s observations."""
+
+    def __init__(self, policy: SACPolicy, head: int, num_tasks: int) -> None:
+        self.policy, self.head, self.num_tasks = policy, head, num_tasks
+
+    def predict(self, observation: Any, *args: Any, deterministic: bool = True,
+                **kwargs: Any) -> tuple[np.ndarray, Any]:
+        return self.policy.predict(as_task(observation, self.head, self.num_tasks), *args,
+                                   deterministic=deterministic, **kwargs)
 
 
 def _check_spaces(env: Any) -> None:

@@ -13,7 +13,6 @@ from stable_baselines3.common.logger import Logger
 from agents.continual import check_sb3_version, reset_optimizer_state
 from agents.heads import MultiHeadLinear
 from agents.sac import ContinualSAC
-from agents.sac_buffer import TaskReplayBuffer
 from agents.sac_policy import MultiHeadActor, MultiHeadContinuousCritic
 from crl.strategies.importance import fisher_diagonal
 from envs.continual import ContinualEnv
@@ -203,7 +202,7 @@ def test_packnet_with_regularized_critic_freezes_critic_trunk_too() -> None:
 
 
 # -- task switches -------------------------------------------------------------------------------
-def test_replay_buffer_reset_at_switch_unless_disabled_or_replay() -> None:
+def test_replay_buffer_reset_at_switch_unless_disabled() -> None:
     agent = make_agent()
     train_task(agent, 0)
     assert agent.replay_buffer.pos == STEPS
@@ -216,29 +215,33 @@ def test_replay_buffer_reset_at_switch_unless_disabled_or_replay() -> None:
     keep.start_task(1)
     assert keep.replay_buffer.pos == STEPS and keep.switch_log[-1]["buffer_reset"] is False
 
+
+def test_replay_keeps_finished_tasks_in_the_strategy_memory_and_mixes_them_in() -> None:
+    """CW's perfect memory: the agent's buffer is reset as usual, the strategy's memory holds
+    task 0's transitions, and every training batch of task 1 is a uniform draw over both."""
     replay = make_agent(strategy="replay", strategy_options={"mode": "buffer"})
-    assert isinstance(replay.replay_buffer, TaskReplayBuffer) and replay.replay_buffer.reservoir
     train_task(replay, 0)
-    train_task(replay, 1, steps=60)
-    buf = replay.replay_buffer
-    assert buf.pos == STEPS + 60 and replay.switch_log[-1]["buffer_reset"] is False
-    assert len(buf.task_slots(0)) == STEPS and len(buf.task_slots(1)) == 60
+    memory = replay.strategy.memory
+    assert len(memory) == STEPS and memory.counts() == {0: STEPS}
+    stored = memory.stored()
+    assert set(stored) == {"obs", "actions", "next_obs", "rewards", "dones"}
+    assert bool((stored["obs"][:, -4:].argmax(1) == 0).all())  # task 0's one-hot
+    replay.start_task(1)
+    assert replay.replay_buffer.pos == 0 and replay.switch_log[-1]["buffer_reset"] is True
+    tasks: list[torch.Tensor] = []
+    own = replay.batch_losses
 
+    def spy(batch, *args, **kwargs):
+        tasks.append(batch["obs"][:, -4:].argmax(1))
+        return own(batch, *args, **kwargs)
 
-def test_reservoir_keeps_a_uniform_sample_of_the_whole_stream() -> None:
-    env = pendulum_env()
-    buf = TaskReplayBuffer(
-        100, env.observation_space, env.action_space, "cpu", reservoir=True, seed=0
-    )
-    obs, act = env.observation_space.sample(), env.action_space.sample()
-    for i in range(2000):
-        buf.current_task = i // 500  # four "tasks" of 500 transitions
-        buf.add(obs, obs, act, np.array([float(i)]), np.array([0.0]), [{}])
-    assert buf.num_seen == 2000 and buf.full
-    counts = np.bincount(buf.slot_task, minlength=4)
-    assert counts.sum() == 100 and counts.min() >= 15  # expected 25 each (FIFO: 0,0,0,100)
-    kept = buf.rewards[:, 0].astype(int)
-    assert len(set(kept)) == 100 and np.array_equal(buf.slot_task, kept // 500)
+    replay.batch_losses = spy  # type: ignore[method-assign]
+    replay.learn(100, reset_num_timesteps=False)  # 50 exploration steps, then 50 updates
+    assert len(tasks) == 50 and all(t.numel() == TINY["batch_size"] for t in tasks)
+    old = float(torch.cat(tasks).eq(0).float().mean())
+    # the buffer holds 50..99 transitions of task 1 against 150 stored: share 0.60-0.75
+    assert 0.55 < old < 0.8
+    assert set(torch.cat(tasks).tolist()) == {0, 1}
 
 
 def test_optimizer_state_reset_at_switch_and_kept_when_disabled() -> None:

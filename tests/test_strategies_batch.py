@@ -3,6 +3,7 @@ compute every number by hand, and through the supervised trainer."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -234,3 +235,107 @@ def test_ppo_refuses_methods_that_learn_from_stored_transitions():
     agent = ContinualPPO("MlpPolicy", env, num_tasks=2, strategy="ewc+replay", n_steps=64,
                          batch_size=32)
     assert agent.strategy.members[1].mode == "distill"  # the member's on-policy default
+
+
+class PlayingHost(QuadHost):
+    """A host whose earlier heads score ``returns`` on the running task (ClonEx's choice)."""
+
+    def __init__(self, returns: list[float]) -> None:
+        super().__init__()
+        self.returns = returns
+        self.asked: list[tuple[list[int], int]] = []
+
+    def importance_batches(self):
+        return [{"obs": torch.zeros(4, 2)}]
+
+    def output_distribution(self, batch):
+        return torch.distributions.Categorical(logits=batch["obs"] + self.module["a"],
+                                               validate_args=False)
+
+    def head_returns(self, heads, episodes):
+        self.asked.append((list(heads), episodes))
+        return [self.returns[h] for h in heads]
+
+
+def test_clonex_explores_with_the_earlier_head_of_highest_return():
+    from crl.strategies.bc import BC
+
+    host = PlayingHost([1.0, 3.0, 3.0, 2.0])
+    bc = BC(memory_size=40, clonex=True, clonex_episodes=3).bind(host)
+    bc.on_task_start(0)
+    assert bc.exploration_head is None and host.asked == []  # no earlier head yet
+    for task in range(3):
+        bc.on_task_end(task)
+        bc.on_task_start(task + 1)
+    # heads 0..2 finished before task 3: 1 and 2 tie at 3.0, the earlier one wins
+    assert host.asked == [([0], 3), ([0, 1], 3), ([0, 1, 2], 3)]
+    assert [c["head"] for c in bc.clonex_choices] == [0, 1, 1]
+    assert bc.exploration_head == 1 and bc.diagnostics()["clonex_head"] == 1.0
+    assert bc.clonex_choices[-1]["returns"] == {0: 1.0, 1: 3.0, 2: 3.0}
+    again = BC(memory_size=40, clonex=True, clonex_episodes=3).bind(host)
+    again.load_state_dict(bc.state_dict())
+    assert again.exploration_head == 1 and again.clonex_choices == bc.clonex_choices
+    plain = BC(memory_size=40).bind(host)
+    plain.on_task_end(0)
+    plain.on_task_start(1)
+    assert plain.exploration_head is None and len(host.asked) == 3  # off by default
+
+
+def test_clonex_needs_a_host_that_plays_heads():
+    with pytest.raises(ValueError, match="--agent sac"):
+        make_strategy("bc", clonex=True).bind(QuadHost())
+    with pytest.raises(ValueError, match="clonex_episodes"):
+        make_strategy("bc", clonex=True, clonex_episodes=0)
+
+
+def test_clonex_on_sac_warms_up_with_the_chosen_head():
+    """Real SAC: at task 1 the finished head 0 plays the new task (same seeds as
+    head_returns says), and the warm-up actions come from the policy acting as on task 0,
+    while the replay buffer stores the true task-1 observations."""
+    from agents.heads import as_task
+    from agents.sac import ContinualSAC
+    from envs.continual import ContinualEnv
+    from envs.registry import get_sequence
+
+    sac = ContinualSAC(
+        "MlpPolicy", ContinualEnv(get_sequence("PendulumVariants", steps_per_task=150),
+                                  append_task_id=True),
+        num_tasks=4, strategy="bc",
+        strategy_options={"memory_size": 64, "batch_size": 32, "clonex": True,
+                          "clonex_episodes": 2},
+        exploration_steps=50, policy_kwargs=dict(net_arch=[16, 16]), batch_size=32,
+        buffer_size=2000, seed=0)
+    sac.start_task(0)
+    assert sac.strategy.exploration_head is None
+    sac.learn(150, reset_num_timesteps=False)
+    sac.end_task(0)
+    sac.start_task(1)
+    choice = sac.strategy.clonex_choices[-1]
+    assert choice["task"] == 1 and choice["head"] == 0 and set(choice["returns"]) == {0}
+    # deterministic episodes with fixed seeds: asking again gives the same return
+    assert sac.head_returns([0], 2) == [pytest.approx(choice["returns"][0])]
+    seen: list[np.ndarray] = []
+    predict = sac.policy.predict
+
+    def spy(obs, *args, **kwargs):
+        seen.append(np.array(obs))
+        return predict(obs, *args, **kwargs)
+
+    sac.policy.predict = spy  # type: ignore[method-assign]
+    sac.learn(20, reset_num_timesteps=False)  # inside the 50 warm-up steps
+    assert len(seen) == 20
+    assert all(o[0, -4:].tolist() == [1.0, 0.0, 0.0, 0.0] for o in seen)  # head 0 acted
+    stored = sac.replay_buffer.observations[:20, 0]
+    assert (stored[:, -4:] == [0.0, 1.0, 0.0, 0.0]).all()  # the true task-1 observations
+    assert np.array_equal(as_task(stored, 0, 4)[:, :-4], stored[:, :-4])
+    sac.policy.predict = predict  # type: ignore[method-assign]
+    plain = ContinualSAC(
+        "MlpPolicy", ContinualEnv(get_sequence("PendulumVariants", steps_per_task=150),
+                                  append_task_id=True),
+        num_tasks=4, strategy="bc", exploration_steps=50,
+        policy_kwargs=dict(net_arch=[16, 16]), batch_size=32, buffer_size=2000, seed=0)
+    plain.start_task(0)
+    calls = []
+    plain.policy.predict = lambda *a, **k: calls.append(1)  # type: ignore[method-assign]
+    plain.learn(20, reset_num_timesteps=False)
+    assert calls == []  # without ClonEx the warm-up is SB3's uniform random actions

@@ -6,6 +6,7 @@ import copy
 import io
 import math
 
+import numpy as np
 import pytest
 import torch
 from scipy import stats
@@ -14,10 +15,10 @@ from torch import nn
 
 from crl.strategies import make_strategy
 from crl.strategies.agem import AGEM
-from crl.strategies.base import Strategy
 from crl.strategies.memory import (
     EpisodicMemory,
     ReservoirMemory,
+    batch_length,
     concat_batches,
     index_batch,
     sample_indices,
@@ -485,13 +486,38 @@ def test_distill_rejects_other_distributions():
         rep.on_task_end(0)
 
 
-def test_buffer_mode_keeps_the_replay_buffer_and_adds_nothing():
-    host = MLPHost()
+def test_buffer_mode_keeps_every_sample_and_draws_uniformly_over_all_data():
+    """CW's perfect memory: the finished task's whole data enters the memory, and of a batch
+    of n, k ~ Binomial(n, M / (M + F)) samples come from it (M stored, F the host's own)."""
+    host = MLPHost(n=24)
     rep = make_strategy("replay", mode="buffer").bind(host)
-    assert rep.resets_replay_buffer is False
-    assert Replay().resets_replay_buffer is True and Strategy.resets_replay_buffer is True
+    assert rep.replay_batch(16, 72) is None  # nothing stored yet
+    rep.on_task_start(0)
     rep.on_task_end(0)
-    assert rep.penalty() is None and len(rep.memory) == 0
+    assert len(rep.memory) == 24 and rep.penalty() is None
+    assert torch.equal(rep.memory.stored()["x"], host.data[0]["x"])  # every sample, in order
+    sizes = []
+    for _ in range(2000):
+        extra = rep.replay_batch(16, 72)
+        sizes.append(0 if extra is None else batch_length(extra))
+        if extra is not None:
+            assert set(extra) == {"x", "y", "task"} and bool((extra["task"] == 0).all())
+    # mean 16 * 24 / 96 = 4, standard error sqrt(16 * 0.25 * 0.75 / 2000) = 0.039
+    assert abs(np.mean(sizes) - 4.0) < 0.15
+    assert abs(np.mean(np.array(sizes) == 0) - 0.75**16) < 0.01
+    full = rep.replay_batch(16, 0)  # no own data: the whole batch is stored samples
+    assert full is not None and batch_length(full) == 16
+    host.task = 1
+    rep.on_task_start(1)
+    rep.on_task_end(1)
+    assert rep.memory.counts() == {0: 24, 1: 24}
+    assert Replay(mode="rehearsal").replay_batch(16, 0) is None  # only buffer mode mixes
+
+
+def test_buffer_mode_needs_a_host_that_keeps_its_data():
+    rep = Replay(mode="buffer").bind(ConstantHost("categorical"))
+    with pytest.raises(TypeError, match="keeps no training samples"):
+        rep.on_task_end(0)
 
 
 def test_replay_bad_options_raise():

@@ -30,7 +30,7 @@ def domain_split(tiny_mnist):
     return make_benchmark("split-mnist", tiny_mnist, scenario="domain-il", seed=0)
 
 
-def _run(method: str, benchmark, tmp_path: Path) -> dict:
+def _run(method: str, benchmark, tmp_path: Path, options: dict | None = None) -> dict:
     config = SupervisedConfig(
         benchmark="split-mnist",
         scenario="domain-il",
@@ -39,10 +39,11 @@ def _run(method: str, benchmark, tmp_path: Path) -> dict:
         hidden=(64,),
         wandb="disabled",
         trainer=TrainerConfig(epochs=5, batch_size=32, progress=False),
-        method_options=OPTIONS,
+        method_options=OPTIONS if options is None else options,
     )
     torch.manual_seed(0)
-    return run_experiment(config, benchmark=benchmark, run_dir=tmp_path / method).summary
+    return run_experiment(config, benchmark=benchmark, run_dir=tmp_path / method
+                          / ("default" if options is None else "options")).summary
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +63,16 @@ def test_finetune_forgets(summaries) -> None:
 @pytest.mark.parametrize("method", ["ewc", "packnet", "replay"])
 def test_method_forgets_measurably_less_than_finetune(summaries, method) -> None:
     ft, m = summaries["finetune"], summaries[method]
+    assert m["forgetting"] <= ft["forgetting"] - 0.15
+    assert m["avg_acc"] > ft["avg_acc"]
+
+
+def test_perfect_memory_replay_trains_on_every_earlier_sample(summaries, domain_split,
+                                                             tmp_path) -> None:
+    """Replay's buffer mode (CW's perfect memory) on the supervised trainer: the finished
+    tasks' whole training sets join the batches, and forgetting falls as with rehearsal."""
+    m = _run("replay", domain_split, tmp_path, {"replay": {"mode": "buffer"}})
+    ft = summaries["finetune"]
     assert m["forgetting"] <= ft["forgetting"] - 0.15
     assert m["avg_acc"] > ft["avg_acc"]
 

@@ -47,6 +47,10 @@ class TinyMultiHeadHost:
         d = self.data[self.task]
         return [{k: v[i : i + 8] for k, v in d.items()} for i in range(0, len(d["x"]), 8)]
 
+    def experience_batches(self) -> list[dict[str, torch.Tensor]]:
+        """The running task's whole data (what a perfect memory keeps)."""
+        return [dict(self.data[self.task])]
+
     def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         h = self.module["trunk"](batch["x"])
         out = torch.stack([head(h) for head in self.module["heads"]])

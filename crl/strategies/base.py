@@ -4,7 +4,8 @@ A strategy never knows whether it protects a classifier or a policy. The host ha
 :class:`Host` adapter and calls the hooks of :class:`Strategy` in this order
 (docs/ARCHITECTURE.md, "Host/strategy contract"):
 
-``on_task_start`` -> per update: ``penalty(batch)`` (added to the loss; ``batch`` is the
+``on_task_start`` -> per update: ``replay_batch`` (stored samples mixed into the batch),
+``penalty(batch)`` (added to the loss; ``batch`` is the
 batch the host trains on in that update), backward, ``before_optimizer_step`` (edits
 ``.grad``), optimiser step, ``after_optimizer_step`` -> ``on_task_end``;
 ``evaluation(task)`` wraps every evaluation of a task. Hosts log ``diagnostics()`` with
@@ -60,6 +61,21 @@ class Host(Protocol):
         ...
 
 
+def experience_batches(host: Host) -> Iterable[Batch]:
+    """Every training sample of the task just finished (its training set, or all of its
+    transitions in the replay buffer), for methods that keep the data itself. Hosts that
+    hold their task's data expose it as ``host.experience_batches()``; an on-policy host
+    keeps no data and has none."""
+    method = getattr(host, "experience_batches", None)
+    if method is None:
+        raise TypeError(
+            f"{type(host).__name__} keeps no training samples of a finished task "
+            "(experience_batches); a method that stores the task's data needs a host that "
+            "trains on stored data (the supervised trainer, SAC)"
+        )
+    return method()
+
+
 class Strategy:
     """Base class: every hook is a no-op, so the base class is the finetune baseline.
 
@@ -68,8 +84,6 @@ class Strategy:
     """
 
     name: str = "finetune"
-    #: Whether an RL host should reset its training replay buffer at a task switch.
-    resets_replay_buffer: bool = True
     #: Whether a host with several optimisers (SAC: actor, critic) must compute every
     #: gradient before any step and call ``before_optimizer_step`` once over all of them
     #: (A-GEM projects actor and critic together, as in CW). Otherwise a host may step its
@@ -82,6 +96,10 @@ class Strategy:
     #: task starts, ReDo and CBP after steps): combined methods see those rewrites as a
     #: new starting point, not as training (composite.Composite orders the hooks so).
     rewrites_weights: bool = False
+    #: An earlier task whose policy head an RL host explores with during a task's
+    #: exploration steps (ClonEx's exploration; set at ``on_task_start``). None: the host's
+    #: own exploration (uniform random actions for SAC, as Continual World).
+    exploration_head: int | None = None
     #: Options an on-policy host (PPO) builds the method with unless the user gives them
     #: (replay: distillation, the replay an on-policy learner can use).
     on_policy_options: dict[str, Any] = {}  # noqa: RUF012 - read-only class default
@@ -121,6 +139,15 @@ class Strategy:
         host trains on (None where a host calls without one); ``outputs``: the model's output
         distribution on it as the host computed it for its own loss, graph attached (None:
         a strategy that needs it calls ``host.output_distribution(batch)``)."""
+        return None
+
+    def replay_batch(self, n: int, fresh: int) -> Batch | None:
+        """Stored samples of earlier tasks the host mixes into its next training batch of
+        ``n`` samples (the host's loss and every hook then see the mixed batch): SAC draws as
+        many fewer of its own, the supervised trainer, whose epochs cover its own data,
+        appends them. ``fresh``: how many samples the host's own data holds, so that a
+        method can draw uniformly over everything seen (Continual World's perfect memory).
+        ``None``: train on the host's own data only."""
         return None
 
     def diagnostics(self) -> dict[str, float]:

@@ -7,23 +7,83 @@ It is replay's distillation mode (:class:`crl.strategies.replay.Replay`, ``mode=
 on the distillation core of :mod:`crl.strategies.distill`) with ClonEx's memory: an equal
 share per finished task. For SAC the distribution is the actor's pre-squash Gaussian, as in
 ClonEx-SAC; for PPO the categorical or Gaussian policy (PPO's ``replay`` is the same code).
+
+``clonex=True`` adds ClonEx's exploration (the paper's "best return" choice): when a task
+starts, every finished task's policy head acts on the new task for ``clonex_episodes``
+episodes (deterministic actions, the same episode seeds for every head), and the head with
+the highest mean return collects the task's exploration steps instead of uniform random
+actions (SAC's warm-up; ``host.head_returns`` runs the episodes).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
+from crl.strategies.base import Host
+from crl.strategies.memory import check_positive_int
 from crl.strategies.replay import Replay
 
 
 class BC(Replay):
-    """λ · KL(old policy ‖ policy) on stored states of the finished tasks."""
+    """λ · KL(old policy ‖ policy) on stored states of the finished tasks; optionally
+    ClonEx's exploration with the best earlier head."""
 
     name = "bc"
 
     def __init__(self, memory_size: int = 10_000, batch_size: int = 128, lam: float = 1.0,
-                 task_balanced: bool = True, seed: int = 0) -> None:
+                 task_balanced: bool = True, clonex: bool = False, clonex_episodes: int = 5,
+                 seed: int = 0) -> None:
         super().__init__(memory_size=memory_size, batch_size=batch_size,
                          task_balanced=task_balanced, mode="distill", lam=lam, seed=seed)
+        if not isinstance(clonex, bool):
+            raise ValueError(f"clonex must be true or false, got {clonex!r}")
+        self.clonex = clonex
+        self.clonex_episodes = check_positive_int("clonex_episodes", clonex_episodes)
+        self.exploration_head: int | None = None
+        #: per task start: {"task", "returns" {head: mean return}, "head"} (the choices made)
+        self.clonex_choices: list[dict[str, Any]] = []
 
     @property
     def penalty_label(self) -> str:
         return "bc_kl"
+
+    def bind(self, host: Host) -> BC:
+        if self.clonex and not callable(getattr(host, "head_returns", None)):
+            raise ValueError(
+                f"bc's ClonEx exploration (clonex=True) explores a new task with the best "
+                f"earlier policy head, which needs an agent with an exploration phase that "
+                f"can run a head's episodes; {type(host).__name__} has none. Use "
+                "--agent sac, or bc without clonex"
+            )
+        super().bind(host)
+        return self
+
+    def on_task_start(self, task: int) -> None:
+        super().on_task_start(task)
+        self.exploration_head = None
+        heads = sorted(self.memory.counts())  # the finished tasks (a cycle may revisit one)
+        if not self.clonex or not heads:
+            return
+        returns = self._host().head_returns(heads, self.clonex_episodes)  # type: ignore[attr-defined]
+        best = max(range(len(heads)), key=lambda i: (returns[i], -i))  # ties: earliest head
+        self.exploration_head = heads[best]
+        self.clonex_choices.append({"task": int(task), "head": int(heads[best]),
+                                    "returns": {int(h): float(r)
+                                                for h, r in zip(heads, returns, strict=True)}})
+
+    def diagnostics(self) -> dict[str, float]:
+        out = super().diagnostics()
+        if self.exploration_head is not None:
+            out["clonex_head"] = float(self.exploration_head)
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return super().state_dict() | {"clonex": self.clonex,
+                                       "exploration_head": self.exploration_head,
+                                       "clonex_choices": list(self.clonex_choices)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.exploration_head = state.get("exploration_head")
+        self.clonex_choices = list(state.get("clonex_choices", []))

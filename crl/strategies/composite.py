@@ -45,7 +45,6 @@ class Composite(Strategy):
         self._start_order = first + rest  # rewrites, then the others see the result
         self._step_order = rest + first
         self.name = "+".join(names)
-        self.resets_replay_buffer = all(m.resets_replay_buffer for m in members)
         self.needs_joint_update = any(m.needs_joint_update for m in members)
         self.learns_from_stored_transitions = any(
             m.learns_from_stored_transitions for m in members)
@@ -70,6 +69,21 @@ class Composite(Strategy):
         for t in terms[1:]:
             total = total + t
         return total
+
+    @property  # type: ignore[override]
+    def exploration_head(self) -> int | None:
+        """The first member's choice (only ``bc`` with ClonEx exploration makes one)."""
+        return next((m.exploration_head for m in self.members
+                     if m.exploration_head is not None), None)
+
+    def replay_batch(self, n: int, fresh: int) -> Batch | None:
+        """The first member's stored samples (one replaying member per combination: a method
+        name appears once, and only replay's buffer mode mixes samples in)."""
+        for m in self.members:
+            extra = m.replay_batch(n, fresh)
+            if extra is not None:
+                return extra
+        return None
 
     def diagnostics(self) -> dict[str, float]:
         out: dict[str, float] = {}

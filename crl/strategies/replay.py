@@ -13,8 +13,14 @@
   ``lam * KL(old || new)`` averaged over a memory batch.
   On a classifier this is logit distillation in the manner of dark experience replay
   (Buzzega et al. 2020), with a KL instead of an MSE on logits.
-* ``mode="buffer"`` — Continual World's "perfect memory" for SAC: the agent keeps its training
-  replay buffer across tasks (``resets_replay_buffer = False``); no memory, no penalty here.
+* ``mode="buffer"`` — Continual World's "perfect memory" (Wołczyk et al. 2021): every
+  transition (or training sample) of each finished task goes to the memory
+  (``host.experience_batches()``; a reservoir once ``memory_size`` is reached), and every
+  update trains on a batch drawn uniformly from everything seen so far: of the host's ``n``
+  samples, ``k ~ Binomial(n, M / (M + F))`` come from the memory (M stored, F in the host's own
+  buffer or task), the rest from the host's data (:meth:`Replay.replay_batch`). For SAC this is
+  CW's replay buffer that spans the whole sequence, with the agent's own buffer holding the
+  running task; the memory is the strategy core's reservoir, not agent code. No penalty.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from typing import Any
 import torch
 from torch.distributions import Distribution
 
-from crl.strategies.base import Batch, Strategy
+from crl.strategies.base import Batch, Strategy, experience_batches
 from crl.strategies.distill import (
     check_keys,
     distribution_parameters,
@@ -49,7 +55,8 @@ class Replay(Strategy):
 
     ``memory_size``: reservoir capacity (samples over all tasks). ``batch_size``: memory
     samples per update. ``task_balanced``: equal memory quota per task instead of a reservoir
-    over the whole stream. ``lam``: weight of the replay term.
+    over the whole stream. ``lam``: weight of the replay term (not used by ``buffer``, whose
+    samples join the training batch).
     """
 
     name = "replay"
@@ -81,8 +88,6 @@ class Replay(Strategy):
         #: kind and event dims of the stored output distributions (distill mode).
         self.dist_kind: str | None = None
         self.dist_ndims = 0
-        if mode == "buffer":
-            self.resets_replay_buffer = False
         self.learns_from_stored_transitions = mode != "distill"
 
     @property
@@ -99,7 +104,23 @@ class Replay(Strategy):
         elif self.mode == "distill":
             for batch in self._host().importance_batches():
                 self.memory.add(self._with_old_outputs(batch), task)
+        else:
+            for batch in experience_batches(self._host()):
+                self.memory.add(batch, task)
         super().on_task_end(task)
+
+    def replay_batch(self, n: int, fresh: int) -> Batch | None:
+        """Buffer mode: ``k ~ Binomial(n, M / (M + fresh))`` stored samples, so that the
+        mixed batch is a uniform draw over the memory and the host's own data."""
+        stored = len(self.memory)
+        if self.mode != "buffer" or stored == 0 or n <= 0:
+            return None
+        share = torch.tensor(float(stored) / (stored + max(int(fresh), 0)), dtype=torch.float64)
+        k = int(torch.binomial(torch.tensor(float(n), dtype=torch.float64), share,
+                               generator=self.memory.generator))
+        if k == 0:
+            return None
+        return to_device(self.memory.sample(k), self._device())
 
     def _with_old_outputs(self, batch: Batch) -> dict[str, torch.Tensor]:
         check_keys(batch)

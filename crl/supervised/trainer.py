@@ -33,6 +33,7 @@ from crl.checkpoint import CheckpointError, rng_state, set_rng_state
 from crl.plasticity import Probe
 from crl.plasticity import check_settings as check_plasticity
 from crl.strategies import Batch, Strategy
+from crl.strategies.memory import batch_length, concat_batches
 from crl.supervised.benchmarks import Benchmark, Task, iterate_batches
 
 #: Called after every task with (task index, accuracies of all tasks, global update count).
@@ -122,6 +123,17 @@ class ClassifierHost:
         if self.task is None:
             raise RuntimeError("importance_batches() called before any task was trained")
         return self.task.batches(self.config.importance_batch_size, generator=self.generator)
+
+    def experience_batches(self) -> Iterator[Batch]:
+        """The whole training set of the task just trained (a perfect memory keeps it)."""
+        if self.task is None:
+            raise RuntimeError("experience_batches() called before any task was trained")
+        return self.task.batches(4096, shuffle=False)
+
+    @property
+    def task_size(self) -> int:
+        """Training samples of the running task (the host's own data a mixed batch draws on)."""
+        return 0 if self.task is None else len(self.task.train_y)
 
     def logits(self, batch: Batch) -> torch.Tensor:
         logits = self.module(batch["x"], batch["task"])
@@ -231,6 +243,9 @@ def _train_step(
     """One update with the hooks in the contract's order (docs/ARCHITECTURE.md,
     "Host/strategy contract"); returns the row to log."""
     optimizer.zero_grad(set_to_none=True)
+    extra = strategy.replay_batch(batch_length(batch), host.task_size)
+    if extra is not None:  # stored samples join the batch (replay's perfect memory)
+        batch = concat_batches([batch, extra])
     loss = host.loss(batch)
     penalty = strategy.penalty(batch, host.outputs_of(batch))
     total = loss if penalty is None else loss + penalty
