@@ -9,7 +9,7 @@ keeps parameters that barely moved from exploding, ω is reset, and the anchored
 the task. The gradient is the host's total gradient (loss plus the penalty itself), as the
 optimiser sees it; Zenke et al. use the unregularised loss's. A parameter whose path integral
 is negative (it moved uphill overall) gets Ω 0, so Ω stays a valid weight. Costs per update:
-a copy of the protected parameters into a kept buffer before the step and three in-place
+a copy of the protected parameters into a kept buffer before the step and two in-place
 multi-tensor operations after it.
 """
 
@@ -89,8 +89,7 @@ class SI(AnchoredPenalty):
         before = self._before
         with torch.no_grad():
             torch._foreach_sub_(before, tensors)
-            torch._foreach_mul_(before, grads)  # type: ignore[arg-type]
-            torch._foreach_add_(self._path, before)
+            torch._foreach_addcmul_(self._path, before, grads)  # type: ignore[arg-type]
 
     def on_task_end(self, task: int) -> None:
         params = self._protected()
