@@ -20,7 +20,9 @@ For each file the script
    - every method but A-GEM forgets less than finetune (its mean below finetune's CI low)
      while learning the new tasks (mean new-task gain >= half finetune's): no method "wins"
      by not learning;
-   - PackNet and replay forget <= 0.1 and end above finetune's final performance (mean).
+   - PackNet, replay and bc (with and without ClonEx's exploration) forget <= 0.1 and end
+     above finetune's final performance (mean);
+   - bc with ClonEx's exploration reaches PackNet's final performance (mean).
 
 New-task gain: per task after the first, its end-of-task score (mean of the last k
 evaluations of its window, as forgetting) minus its score when its training started
@@ -49,16 +51,28 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SWEEPS = (ROOT / "scripts/sweeps/classicmix-ppo-report.yaml",
                   ROOT / "scripts/sweeps/mujocomix-sac-report.yaml")
 FINETUNE_FORGETTING = 0.3
-KEEPERS = ("packnet", "replay")
+#: methods that must keep the old tasks (forgetting <= KEEP_FORGETTING) and end above
+#: finetune; bc (ClonEx-SAC's regulariser) from the strategies issue
+KEEPERS = ("packnet", "replay", "bc", "bc (clonex=True)")
 KEEP_FORGETTING = 0.1
+#: ClonEx-SAC (bc + exploration with the best earlier head) must reach PackNet's P(T)
+CLONEX, CLONEX_BAR = "bc (clonex=True)", "packnet"
 UNCHECKED = ("finetune", "agem")
 
 
 def make_references(sweep: Any) -> None:
-    """`crl reference` once per override set (head setting) of the sweep's base options."""
+    """`crl reference` once per distinct head setting of the sweep's override sets (the
+    method and its options do not change a reference run)."""
+    from crl.strategies import METHODS
+
+    method_option = tuple(f"{m}_" for m in METHODS)
+    done: list[dict[str, Any]] = []
     for override in sweep.overrides:
         options = {k: v for k, v in (sweep.base | override).items()
-                   if k not in ("method", "seed", "run_path")}
+                   if k not in ("method", "seed", "run_path") and not k.startswith(method_option)}
+        if options in done:
+            continue
+        done.append(options)
         with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as fh:
             yaml.safe_dump(options, fh)
         try:
@@ -123,6 +137,12 @@ def check(rows: list[dict[str, Any]]) -> dict[str, bool]:
                     forg <= KEEP_FORGETTING)
                 checks[f"{where}: {method} ends above finetune (P(T) {perf:.3f} > "
                        f"{ft_perf:.3f})"] = perf is not None and perf > ft_perf
+        clonex, bar = by.get(CLONEX), by.get(CLONEX_BAR)
+        if clonex is not None and bar is not None:
+            perf, bar_perf = _float(clonex["performance"]), _float(bar["performance"])
+            checks[f"{where}: {CLONEX} reaches {CLONEX_BAR}'s final performance (P(T) "
+                   f"{perf} >= {bar_perf})"] = (perf is not None and bar_perf is not None
+                                                 and perf >= bar_perf)
     return checks
 
 

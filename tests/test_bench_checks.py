@@ -1,0 +1,69 @@
+"""The reproduction report's claims (scripts/bench_forgetting.py) on hand-made report rows."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_forgetting",
+                                                  ROOT / "scripts/bench_forgetting.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def row(method: str, perf: float, forg: float, gain: float, low: float | None = None) -> dict:
+    return {"kind": "rl", "setting": "MujocoMix", "agent": "sac",
+            "method": f"{method} [multi_head=True]", "performance": str(perf),
+            "forgetting": str(forg), "forgetting_low": str(forg if low is None else low),
+            "new_task_gain": str(gain)}
+
+
+def test_claims_on_hand_made_rows(bench) -> None:
+    rows = [row("finetune", 0.40, 0.60, 0.80, low=0.50), row("packnet", 0.90, 0.02, 0.70),
+            row("ewc", 0.85, 0.05, 0.30),  # forgets less but learns under half of 0.80
+            row("bc", 0.88, 0.08, 0.75), row("bc (clonex=True)", 0.89, 0.12, 0.78)]
+    checks = bench.check(rows)
+    where = "MujocoMix SAC [multi_head=True]"
+
+    def verdict(start: str) -> bool:
+        hits = [ok for claim, ok in checks.items() if claim.startswith(f"{where}: {start}")]
+        assert len(hits) == 1, (start, list(checks))
+        return hits[0]
+
+    assert verdict("finetune forgets")
+    assert verdict("ewc forgets less than finetune") and not verdict("ewc learns the new")
+    assert verdict("bc forgets <= 0.1") and verdict("bc ends above finetune")
+    assert not verdict("bc (clonex=True) forgets <= 0.1")  # 0.12
+    assert not verdict("bc (clonex=True) reaches packnet")  # 0.89 < 0.90
+    rows[-1] = row("bc (clonex=True)", 0.90, 0.05, 0.78)
+    assert bench.check(rows)[f"{where}: bc (clonex=True) reaches packnet's final performance "
+                             "(P(T) 0.9 >= 0.9)"]
+
+
+def test_references_once_per_head_setting(bench, monkeypatch) -> None:
+    calls: list[list[str]] = []
+    written: list[str] = []
+
+    def fake_run(cmd, **kwargs):
+        calls.append(cmd)
+        written.append(Path(cmd[cmd.index("--config") + 1]).read_text())
+
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    sweep = SimpleNamespace(base={"agent": "sac", "sequence": "MujocoMix", "seed": 0},
+                            overrides=[{"method": "bc", "multi_head": True},
+                                       {"method": "bc", "bc_clonex": True, "multi_head": True},
+                                       {"method": "ewc", "multi_head": False}])
+    bench.make_references(sweep)
+    assert len(calls) == 2  # the method and its options do not make another reference
+    assert "multi_head: true" in written[0] and "multi_head: false" in written[1]
+    assert all("bc_clonex" not in w and "method" not in w for w in written)
