@@ -155,12 +155,6 @@ def load_replay_buffer_state(buf: Any, state: Mapping[str, Any]) -> bool:
                 f"replay buffer {key} is {meta[key]!r} in the checkpoint, {here!r} here; build "
                 "the agent with the checkpoint's buffer settings"
             )
-    if meta.get("reservoir"):
-        raise CheckpointError(
-            "the checkpoint's replay buffer is a reservoir over the whole sequence, written by "
-            "a crl version before replay's perfect memory moved into the strategy's memory: "
-            "finish the run with that version, or start it again"
-        )
     if hasattr(buf, "current_task") and "current_task" in meta:
         buf.current_task = int(meta["current_task"])
     if state["arrays"] is None:
@@ -267,6 +261,12 @@ def load_agent_state(agent: Any, state: Mapping[str, Any], *, sequence: str | No
     for name, tensor in state["tensors"].items():
         with torch.no_grad():
             getattr(agent, name).copy_(tensor)
+    if ((state.get("replay_buffer") or {}).get("meta") or {}).get("reservoir"):
+        raise CheckpointError(
+            "the checkpoint's replay buffer is a reservoir over the whole sequence, written by "
+            "a crl version before replay's perfect memory moved into the strategy's memory: "
+            "finish the run with that version, or start it again"
+        )
     try:
         agent.load_continual_state_dict(state["continual"])
     except (ValueError, KeyError) as exc:

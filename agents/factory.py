@@ -73,7 +73,11 @@ def check_method_options(config: RunConfig, sequence: TaskSequence) -> None:
             refuse_off_policy(build_strategy(config.method, options, sequence.num_tasks,
                                              config.seed))
         else:
-            build_strategy(config.method, options, sequence.num_tasks, config.seed)
+            from agents.sac import check_experience_keeping
+
+            built = build_strategy(config.method, options, sequence.num_tasks, config.seed)
+            check_experience_keeping(built, bool(config.agent_options.get("reset_buffer", True)),
+                                     int(config.agent_options.get("n_steps", 1)))
     except (ValueError, TypeError) as exc:
         given = [(config.method, k) for k in config.method_options.get(config.method) or {}]
         given += [(m, k) for m in method_members(config.method) if m != config.method

@@ -482,8 +482,14 @@ def on_policy_options(
 
 
 def refuse_off_policy(strategy: Strategy) -> None:
-    """PPO learns only from its own rollouts: a method that trains on stored transitions
-    cannot work here."""
+    """PPO learns only from its own rollouts and has no exploration phase: a method that
+    trains on stored transitions or explores with earlier heads cannot work here."""
+    if strategy.explores_with_heads:
+        raise ValueError(
+            f"{strategy.name} explores each new task with an earlier task's policy head during "
+            "an exploration phase (ClonEx), and PPO has none: use --agent sac, or bc without "
+            "--bc-clonex"
+        )
     if strategy.learns_from_stored_transitions:
         mode = getattr(strategy, "mode", None)
         what = strategy.name + (f" (mode {mode!r})" if isinstance(mode, str) else "")

@@ -32,6 +32,7 @@ task.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -214,6 +215,7 @@ class ContinualSAC(ContinualAgent, SAC):
             super().__init__(policy, env, learning_starts=self.exploration_steps, **sb3_kwargs)
             return
         built = build_strategy(strategy, strategy_options, num_tasks, seed)
+        check_experience_keeping(built, self.reset_buffer, int(sb3_kwargs.get("n_steps", 1)))
 
         policy = self._resolve_policy(policy, sb3_kwargs)
         if sb3_kwargs.get("replay_buffer_class") is None and sb3_kwargs.get("n_steps", 1) == 1:
@@ -318,8 +320,9 @@ class ContinualSAC(ContinualAgent, SAC):
         out = []
         with BatchedEvaluator(sequence, episodes, tasks=[self.current_task],
                               seed=seed) as evaluator:
-            for head in heads:
-                result = evaluator.evaluate(_HeadPolicy(self.policy, int(head), num_tasks))
+            for head in heads:  # under the head's own evaluation context (PackNet's weights)
+                with self.strategy.evaluation(int(head)):
+                    result = evaluator.evaluate(_HeadPolicy(self.policy, int(head), num_tasks))
                 out.append(float(result.mean_returns[0]))
         return out
 
@@ -365,6 +368,12 @@ class ContinualSAC(ContinualAgent, SAC):
             if buf.full and buf.optimize_memory_usage:  # slot pos holds no valid next_obs
                 slots = slots[slots != buf.pos]
         if everything:
+            if buf.full and len(slots) == buf.buffer_size - int(buf.optimize_memory_usage):
+                warnings.warn(
+                    f"the replay buffer ({buf.buffer_size} slots) is full of the finished "
+                    "task's transitions: if the task ran longer, its earliest transitions "
+                    "were overwritten and the memory keeps only the rest; raise --buffer-size "
+                    "to the task's steps", RuntimeWarning, stacklevel=2)
             chosen = np.repeat(slots, buf.n_envs)
             envs = np.tile(np.arange(buf.n_envs), len(slots))
             size = max(self.importance_batch_size, 4096)
@@ -562,7 +571,8 @@ class ContinualSAC(ContinualAgent, SAC):
         transitions (replay's perfect memory) supplies part of it (``replay_batch``)."""
         buf = self.replay_buffer
         assert buf is not None
-        extra = self.strategy.replay_batch(batch_size, buf.size() * buf.n_envs)
+        slots = len(buf.valid_slots()) if isinstance(buf, TaskReplayBuffer) else buf.size()
+        extra = self.strategy.replay_batch(batch_size, slots * buf.n_envs)
         own = batch_size - (0 if extra is None else batch_length(extra))
         if own == 0:
             assert extra is not None
@@ -628,15 +638,35 @@ class ContinualSAC(ContinualAgent, SAC):
 
 
 class _HeadPolicy:
-    """A predictor that acts as ``policy`` would on task ``head``'s observations."""
+    """A predictor that acts as ``policy`` would on task ``head``'s observations. (No
+    ``policy`` attribute: the evaluator would call that one's ``predict`` instead.)"""
 
     def __init__(self, policy: SACPolicy, head: int, num_tasks: int) -> None:
-        self.policy, self.head, self.num_tasks = policy, head, num_tasks
+        self._policy, self.head, self.num_tasks = policy, head, num_tasks
 
     def predict(self, observation: Any, *args: Any, deterministic: bool = True,
                 **kwargs: Any) -> tuple[np.ndarray, Any]:
-        return self.policy.predict(as_task(observation, self.head, self.num_tasks), *args,
-                                   deterministic=deterministic, **kwargs)
+        return self._policy.predict(as_task(observation, self.head, self.num_tasks), *args,
+                                    deterministic=deterministic, **kwargs)
+
+
+def check_experience_keeping(strategy: Strategy, reset_buffer: bool, n_steps: int) -> None:
+    """A method that keeps the finished tasks' transitions (replay's perfect memory) mixes
+    them into one-step batches of the running task's buffer."""
+    if not strategy.keeps_experience:
+        return
+    if not reset_buffer:
+        raise ValueError(
+            f"{strategy.name} keeps every transition of the finished tasks in its own memory "
+            "and mixes them into each batch; keeping them in the replay buffer too "
+            "(reset_buffer=False, --keep-buffer) would count them twice: leave the buffer "
+            "reset at task switches"
+        )
+    if n_steps != 1:
+        raise ValueError(
+            f"{strategy.name} mixes stored one-step transitions into the batches, which "
+            f"cannot be mixed with n-step returns (n_steps={n_steps}); use n_steps=1"
+        )
 
 
 def _check_spaces(env: Any) -> None:

@@ -3,8 +3,9 @@
 A run is SIGKILLed in the middle of its second task (after a checkpoint inside that task) and
 resumed with `crl train --resume`; its results.json and metrics.jsonl must equal those of the
 same run left alone, except wall-time fields (named in WALL_TIME_*). PPO with EWC on
-CartPoleSwap, and SAC with replay (a reservoir buffer that spans both tasks, so the replay
-buffer in the checkpoint matters) on two Pendulum tasks. One torch thread, fixed seeds.
+CartPoleSwap, and SAC with replay (CW's perfect memory: the strategy's memory of the first
+task and the replay buffer of the second both live in the checkpoint) on two Pendulum tasks.
+One torch thread, fixed seeds.
 """
 
 from __future__ import annotations

@@ -407,3 +407,29 @@ def test_sb3_version_pin_is_checked() -> None:
     check_sb3_version("2.9.2")
     with pytest.raises(ImportError, match="stable-baselines3>=2.9,<2.10"):
         check_sb3_version("2.10.0")
+
+
+def test_perfect_memory_refuses_a_kept_buffer_and_n_step_returns() -> None:
+    with pytest.raises(ValueError, match="count them twice"):
+        make_agent(strategy="replay", strategy_options={"mode": "buffer"}, reset_buffer=False)
+    from agents.config import ConfigError, RunConfig
+    from agents.factory import check_method_options
+    from envs.registry import get_sequence
+
+    config = RunConfig(sequence="PendulumVariants", agent="sac", method="replay",
+                       agent_options={"reset_buffer": False})
+    with pytest.raises(ConfigError, match="count them twice"):  # before any run directory
+        check_method_options(config, get_sequence("PendulumVariants"))
+    make_agent(strategy="replay", strategy_options={"mode": "rehearsal"}, reset_buffer=False)
+
+
+def test_a_reservoir_checkpoint_of_an_older_version_is_refused() -> None:
+    from agents.checkpoint import CheckpointError, agent_state, load_agent_state
+
+    agent = make_agent(strategy="replay", strategy_options={"mode": "buffer"})
+    train_task(agent, 0, steps=60, end=False)
+    state = agent_state(agent)
+    state["replay_buffer"]["meta"]["reservoir"] = True  # what the older version wrote
+    with pytest.raises(CheckpointError, match="reservoir over the whole sequence"):
+        load_agent_state(make_agent(strategy="replay", strategy_options={"mode": "buffer"}),
+                         state)

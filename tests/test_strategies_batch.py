@@ -288,54 +288,85 @@ def test_clonex_needs_a_host_that_plays_heads():
         make_strategy("bc", clonex=True, clonex_episodes=0)
 
 
-def test_clonex_on_sac_warms_up_with_the_chosen_head():
-    """Real SAC: at task 1 the finished head 0 plays the new task (same seeds as
-    head_returns says), and the warm-up actions come from the policy acting as on task 0,
-    while the replay buffer stores the true task-1 observations."""
-    from agents.heads import as_task
+def _clonex_sac(**kwargs):
     from agents.sac import ContinualSAC
     from envs.continual import ContinualEnv
     from envs.registry import get_sequence
 
-    sac = ContinualSAC(
+    options = {"memory_size": 64, "batch_size": 32, "clonex": True, "clonex_episodes": 2}
+    return ContinualSAC(
         "MlpPolicy", ContinualEnv(get_sequence("PendulumVariants", steps_per_task=150),
                                   append_task_id=True),
-        num_tasks=4, strategy="bc",
-        strategy_options={"memory_size": 64, "batch_size": 32, "clonex": True,
-                          "clonex_episodes": 2},
+        num_tasks=4, strategy="bc", strategy_options=options | kwargs.pop("options", {}),
         exploration_steps=50, policy_kwargs=dict(net_arch=[16, 16]), batch_size=32,
-        buffer_size=2000, seed=0)
-    sac.start_task(0)
-    assert sac.strategy.exploration_head is None
-    sac.learn(150, reset_num_timesteps=False)
-    sac.end_task(0)
-    sac.start_task(1)
-    choice = sac.strategy.clonex_choices[-1]
-    assert choice["task"] == 1 and choice["head"] == 0 and set(choice["returns"]) == {0}
-    # deterministic episodes with fixed seeds: asking again gives the same return
-    assert sac.head_returns([0], 2) == [pytest.approx(choice["returns"][0])]
-    seen: list[np.ndarray] = []
+        buffer_size=2000, seed=0, **kwargs)
+
+
+def test_clonex_on_sac_plays_every_head_and_warms_up_with_the_best():
+    """Real SAC: at task 2 the finished heads 0 and 1 each play the new task with their own
+    one-hot (they act differently, so their returns differ), the best one is chosen, and the
+    warm-up actions come from the policy acting as that head while the replay buffer stores
+    the true task-2 observations."""
+    from agents.heads import as_task
+
+    sac = _clonex_sac()
+    for task in (0, 1):
+        sac.start_task(task)
+        sac.learn(150, reset_num_timesteps=False)
+        sac.end_task(task)
+    assert [c["task"] for c in sac.strategy.clonex_choices] == [1]
     predict = sac.policy.predict
+    seen: list[np.ndarray] = []
 
     def spy(obs, *args, **kwargs):
         seen.append(np.array(obs))
         return predict(obs, *args, **kwargs)
 
     sac.policy.predict = spy  # type: ignore[method-assign]
+    sac.start_task(2)
+    choice = sac.strategy.clonex_choices[-1]
+    assert choice["task"] == 2 and set(choice["returns"]) == {0, 1}
+    returns = choice["returns"]
+    assert returns[0] != returns[1]  # two heads, two behaviours
+    assert choice["head"] == max(returns, key=returns.get)
+    heads_seen = {int(np.argmax(o[0, -4:])) for o in seen}
+    assert heads_seen == {0, 1}  # each head acted with its own one-hot, never task 2's
+    # each head played the same episodes: its deterministic return is reproducible
+    assert sac.head_returns([1, 0], 2) == [pytest.approx(returns[1]), pytest.approx(returns[0])]
+    seen.clear()
     sac.learn(20, reset_num_timesteps=False)  # inside the 50 warm-up steps
-    assert len(seen) == 20
-    assert all(o[0, -4:].tolist() == [1.0, 0.0, 0.0, 0.0] for o in seen)  # head 0 acted
+    best = choice["head"]
+    assert len(seen) == 20 and all(int(np.argmax(o[0, -4:])) == best for o in seen)
     stored = sac.replay_buffer.observations[:20, 0]
-    assert (stored[:, -4:] == [0.0, 1.0, 0.0, 0.0]).all()  # the true task-1 observations
-    assert np.array_equal(as_task(stored, 0, 4)[:, :-4], stored[:, :-4])
+    assert (stored[:, -4:] == np.eye(4)[2]).all()  # the true task-2 observations
+    assert np.array_equal(as_task(stored, best, 4)[:, :-4], stored[:, :-4])
     sac.policy.predict = predict  # type: ignore[method-assign]
-    plain = ContinualSAC(
-        "MlpPolicy", ContinualEnv(get_sequence("PendulumVariants", steps_per_task=150),
-                                  append_task_id=True),
-        num_tasks=4, strategy="bc", exploration_steps=50,
-        policy_kwargs=dict(net_arch=[16, 16]), batch_size=32, buffer_size=2000, seed=0)
-    plain.start_task(0)
+
+
+def test_without_clonex_the_warm_up_is_uniform_random():
+    sac = _clonex_sac(options={"clonex": False})
+    sac.start_task(0)
     calls = []
-    plain.policy.predict = lambda *a, **k: calls.append(1)  # type: ignore[method-assign]
-    plain.learn(20, reset_num_timesteps=False)
-    assert calls == []  # without ClonEx the warm-up is SB3's uniform random actions
+    sac.policy.predict = lambda *a, **k: calls.append(1)  # type: ignore[method-assign]
+    sac.learn(20, reset_num_timesteps=False)
+    assert calls == []  # SB3's uniform random actions, no policy call
+
+
+def test_clonex_is_refused_where_no_head_can_explore():
+    from agents.config import ConfigError, RunConfig
+    from agents.factory import check_method_options
+    from agents.ppo import ContinualPPO
+    from envs.continual import ContinualEnv
+    from envs.registry import get_sequence
+
+    env = ContinualEnv(get_sequence("CartPoleSwap", steps_per_task=64), append_task_id=True)
+    with pytest.raises(ValueError, match="PPOHost has none"):
+        ContinualPPO("MlpPolicy", env, num_tasks=2, strategy="bc",
+                     strategy_options={"clonex": True}, n_steps=64, batch_size=32)
+    # crl train refuses it before any run directory exists
+    config = RunConfig(sequence="ClassicMix", agent="ppo", method="bc",
+                       method_options={"bc": {"clonex": True}})
+    with pytest.raises(ConfigError, match="PPO has none.*--bc-clonex"):
+        check_method_options(config, get_sequence("ClassicMix"))
+    with pytest.raises(ValueError, match="clonex=True but this one has clonex=False"):
+        make_strategy("bc").load_state_dict(make_strategy("bc", clonex=True).state_dict())

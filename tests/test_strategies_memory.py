@@ -514,6 +514,25 @@ def test_buffer_mode_keeps_every_sample_and_draws_uniformly_over_all_data():
     assert Replay(mode="rehearsal").replay_batch(16, 0) is None  # only buffer mode mixes
 
 
+def test_buffer_mode_share_counts_every_sample_seen_and_appending_hosts():
+    """A full reservoir stands for everything it has seen: S = 96 seen (M = 24 stored),
+    F = 32 own, a drawing host gets k ~ Binomial(n, 96/128); a host that appends to its own
+    n gets n S / F = 3n on average (stochastic rounding), so every sample seen weighs the
+    same per epoch."""
+    host = MLPHost(n=96)
+    rep = make_strategy("replay", mode="buffer", memory_size=24).bind(host)
+    rep.on_task_start(0)
+    rep.on_task_end(0)
+    assert len(rep.memory) == 24 and rep.memory.seen == 96
+    drawn = [batch_length(rep.replay_batch(16, 32) or {"x": torch.zeros(0)})
+             for _ in range(2000)]
+    assert abs(np.mean(drawn) - 16 * 0.75) < 0.15  # sd 1.73 / sqrt(2000) = 0.04
+    appended = [batch_length(rep.replay_batch(5, 32, appended=True)) for _ in range(2000)]
+    assert set(appended) == {15}  # 5 * 96 / 32 = 15 exactly
+    frac = [batch_length(rep.replay_batch(3, 40, appended=True)) for _ in range(4000)]
+    assert set(frac) == {7, 8} and abs(np.mean(frac) - 7.2) < 0.03  # 3 * 96 / 40 = 7.2
+
+
 def test_buffer_mode_needs_a_host_that_keeps_its_data():
     rep = Replay(mode="buffer").bind(ConstantHost("categorical"))
     with pytest.raises(TypeError, match="keeps no training samples"):

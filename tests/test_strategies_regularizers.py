@@ -434,6 +434,27 @@ def test_ewc_penalty_uses_fisher_and_is_zero_at_anchor():
         torch.testing.assert_close(grads[n], 2 * 3.0 * fisher[n] * d[n])
 
 
+def test_ewc_strength_changed_after_construction_and_one_backward_per_penalty():
+    host = SoftmaxHost(make_x(5))
+    set_params(host.module, 14)
+    s = EWC(lam=3.0).bind(host)
+    finish_task(s, host, 0)
+    fisher = softmax_fisher_closed_form(host)
+    d = displace(host.module, 15)
+    penalty_and_grad(s, host)  # builds the scales for lam 3
+    s.lam = 0.5  # e.g. a schedule: the next penalty must use it
+    pen, grads = penalty_and_grad(s, host)
+    torch.testing.assert_close(pen, 0.5 * sum((fisher[n] * d[n] ** 2).sum() for n in d))
+    for n in d:
+        torch.testing.assert_close(grads[n], 2 * 0.5 * fisher[n] * d[n])
+    total = s.penalty() * 2.5  # an upstream factor reaches the gradient
+    total.backward(retain_graph=True)
+    for n, p in host.module.named_parameters():
+        torch.testing.assert_close(p.grad, 2.5 * 2 * 0.5 * fisher[n] * d[n])
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        total.backward()
+
+
 def test_online_ewc_decays_the_old_fisher_and_keeps_one_anchor():
     host = SoftmaxHost(make_x(5))
     set_params(host.module, 16)

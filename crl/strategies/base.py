@@ -141,14 +141,23 @@ class Strategy:
         a strategy that needs it calls ``host.output_distribution(batch)``)."""
         return None
 
-    def replay_batch(self, n: int, fresh: int) -> Batch | None:
-        """Stored samples of earlier tasks the host mixes into its next training batch of
-        ``n`` samples (the host's loss and every hook then see the mixed batch): SAC draws as
-        many fewer of its own, the supervised trainer, whose epochs cover its own data,
-        appends them. ``fresh``: how many samples the host's own data holds, so that a
-        method can draw uniformly over everything seen (Continual World's perfect memory).
-        ``None``: train on the host's own data only."""
+    def replay_batch(self, n: int, fresh: int, *, appended: bool = False) -> Batch | None:
+        """Stored samples of earlier tasks the host mixes into its next training batch (the
+        host's loss and every hook then see the mixed batch). ``fresh``: how many samples the
+        host's own data holds, so that a method can draw uniformly over everything seen
+        (Continual World's perfect memory). ``appended=False``: of a batch of ``n``, the
+        host draws as many fewer of its own (SAC); ``appended=True``: the host trains on
+        ``n`` of its own plus these (the supervised trainer, whose epochs cover its own
+        data). ``None``: train on the host's own data only."""
         return None
+
+    #: Whether the method keeps every sample of the finished tasks and hands them back
+    #: through :meth:`replay_batch` (replay's perfect memory): a host must not keep those
+    #: tasks in its own buffer too (they would count twice).
+    keeps_experience: bool = False
+    #: Whether the method explores a new task with earlier tasks' policy heads (ClonEx): it
+    #: needs a host with an exploration phase (SAC's warm-up; PPO has none).
+    explores_with_heads: bool = False
 
     def diagnostics(self) -> dict[str, float]:
         """The strategy's own numbers for the training log (e.g. A-GEM's projection rate),

@@ -39,6 +39,7 @@ class BC(Replay):
         if not isinstance(clonex, bool):
             raise ValueError(f"clonex must be true or false, got {clonex!r}")
         self.clonex = clonex
+        self.explores_with_heads = clonex
         self.clonex_episodes = check_positive_int("clonex_episodes", clonex_episodes)
         self.exploration_head: int | None = None
         #: per task start: {"task", "returns" {head: mean return}, "head"} (the choices made)
@@ -52,9 +53,9 @@ class BC(Replay):
         if self.clonex and not callable(getattr(host, "head_returns", None)):
             raise ValueError(
                 f"bc's ClonEx exploration (clonex=True) explores a new task with the best "
-                f"earlier policy head, which needs an agent with an exploration phase that "
-                f"can run a head's episodes; {type(host).__name__} has none. Use "
-                "--agent sac, or bc without clonex"
+                f"earlier policy head, which needs an RL agent with an exploration phase that "
+                f"can play a head's episodes; {type(host).__name__} has none. ClonEx exists "
+                "for SAC (crl train --agent sac); elsewhere use bc without clonex"
             )
         super().bind(host)
         return self
@@ -84,6 +85,11 @@ class BC(Replay):
                                        "clonex_choices": list(self.clonex_choices)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if bool(state.get("clonex", False)) != self.clonex:
+            raise ValueError(
+                f"the checkpoint's bc ran with clonex={state.get('clonex', False)} but this "
+                f"one has clonex={self.clonex}; construct it with the checkpoint's option"
+            )
         super().load_state_dict(state)
         self.exploration_head = state.get("exploration_head")
         self.clonex_choices = list(state.get("clonex_choices", []))

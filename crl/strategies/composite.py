@@ -48,6 +48,8 @@ class Composite(Strategy):
         self.needs_joint_update = any(m.needs_joint_update for m in members)
         self.learns_from_stored_transitions = any(
             m.learns_from_stored_transitions for m in members)
+        self.keeps_experience = any(m.keeps_experience for m in members)
+        self.explores_with_heads = any(m.explores_with_heads for m in members)
 
     def bind(self, host: Host) -> Composite:
         super().bind(host)
@@ -76,11 +78,11 @@ class Composite(Strategy):
         return next((m.exploration_head for m in self.members
                      if m.exploration_head is not None), None)
 
-    def replay_batch(self, n: int, fresh: int) -> Batch | None:
+    def replay_batch(self, n: int, fresh: int, *, appended: bool = False) -> Batch | None:
         """The first member's stored samples (one replaying member per combination: a method
         name appears once, and only replay's buffer mode mixes samples in)."""
         for m in self.members:
-            extra = m.replay_batch(n, fresh)
+            extra = m.replay_batch(n, fresh, appended=appended)
             if extra is not None:
                 return extra
         return None

@@ -306,6 +306,11 @@ class ReservoirMemory(_Memory):
     def __len__(self) -> int:
         return sum(r.size for r in self._reservoirs())
 
+    @property
+    def seen(self) -> int:
+        """Samples ever offered (what the stored ones are a uniform sample of)."""
+        return sum(r.seen for r in self._reservoirs())
+
     def counts(self) -> dict[int, int]:
         """Stored samples per task id."""
         out: dict[int, int] = {}

@@ -16,11 +16,14 @@
 * ``mode="buffer"`` — Continual World's "perfect memory" (Wołczyk et al. 2021): every
   transition (or training sample) of each finished task goes to the memory
   (``host.experience_batches()``; a reservoir once ``memory_size`` is reached), and every
-  update trains on a batch drawn uniformly from everything seen so far: of the host's ``n``
-  samples, ``k ~ Binomial(n, M / (M + F))`` come from the memory (M stored, F in the host's own
-  buffer or task), the rest from the host's data (:meth:`Replay.replay_batch`). For SAC this is
-  CW's replay buffer that spans the whole sequence, with the agent's own buffer holding the
-  running task; the memory is the strategy core's reservoir, not agent code. No penalty.
+  update trains on a batch drawn uniformly from everything seen so far (S samples of the
+  finished tasks, F of the running one; :meth:`Replay.replay_batch`): a host that draws a
+  batch of ``n`` (SAC) takes ``k ~ Binomial(n, S / (S + F))`` from the memory and the rest
+  from its own data; a host that appends to its own ``n`` (the supervised trainer, whose
+  epochs cover the task) gets ``n S / F`` stored samples on average (stochastic rounding),
+  so that each epoch weighs every sample seen equally. For SAC this is CW's replay buffer
+  that spans the whole sequence, with the agent's own buffer holding the running task; the
+  memory is the strategy core's reservoir, not agent code. No penalty.
 """
 
 from __future__ import annotations
@@ -89,6 +92,7 @@ class Replay(Strategy):
         self.dist_kind: str | None = None
         self.dist_ndims = 0
         self.learns_from_stored_transitions = mode != "distill"
+        self.keeps_experience = mode == "buffer"
 
     @property
     def penalty_label(self) -> str:
@@ -109,15 +113,22 @@ class Replay(Strategy):
                 self.memory.add(batch, task)
         super().on_task_end(task)
 
-    def replay_batch(self, n: int, fresh: int) -> Batch | None:
-        """Buffer mode: ``k ~ Binomial(n, M / (M + fresh))`` stored samples, so that the
-        mixed batch is a uniform draw over the memory and the host's own data."""
-        stored = len(self.memory)
-        if self.mode != "buffer" or stored == 0 or n <= 0:
+    def replay_batch(self, n: int, fresh: int, *, appended: bool = False) -> Batch | None:
+        """Buffer mode: stored samples such that the mixed batch is a uniform draw over
+        every sample seen (the memory's stream, of which the stored ones are a uniform
+        sample, and the host's ``fresh`` own); see the module docstring."""
+        if self.mode != "buffer" or len(self.memory) == 0 or n <= 0:
             return None
-        share = torch.tensor(float(stored) / (stored + max(int(fresh), 0)), dtype=torch.float64)
-        k = int(torch.binomial(torch.tensor(float(n), dtype=torch.float64), share,
-                               generator=self.memory.generator))
+        seen, fresh = float(self.memory.seen), float(max(int(fresh), 0))
+        gen = self.memory.generator
+        if not appended:
+            share = torch.tensor(seen / (seen + fresh), dtype=torch.float64)
+            k = int(torch.binomial(torch.tensor(float(n), dtype=torch.float64), share,
+                                   generator=gen))
+        else:
+            mean = n * seen / fresh if fresh > 0 else float(n)
+            k = int(mean) + int(torch.rand((), generator=gen, dtype=torch.float64)
+                                < mean - int(mean))
         if k == 0:
             return None
         return to_device(self.memory.sample(k), self._device())

@@ -243,7 +243,7 @@ def _train_step(
     """One update with the hooks in the contract's order (docs/ARCHITECTURE.md,
     "Host/strategy contract"); returns the row to log."""
     optimizer.zero_grad(set_to_none=True)
-    extra = strategy.replay_batch(batch_length(batch), host.task_size)
+    extra = strategy.replay_batch(batch_length(batch), host.task_size, appended=True)
     if extra is not None:  # stored samples join the batch (replay's perfect memory)
         batch = concat_batches([batch, extra])
     loss = host.loss(batch)
