@@ -420,12 +420,17 @@ def test_l2_penalty_value_gradient_and_anchor():
     assert s.penalty().item() == 0.0
 
 
-def test_ewc_penalty_uses_fisher_and_is_zero_at_anchor():
+def finished_ewc(lam: float) -> tuple[SoftmaxHost, EWC, dict[str, torch.Tensor]]:
+    """EWC after one task on the softmax host, and the task's closed-form Fisher."""
     host = SoftmaxHost(make_x(5))
     set_params(host.module, 14)
-    s = EWC(lam=3.0).bind(host)
+    s = EWC(lam=lam).bind(host)
     finish_task(s, host, 0)
-    fisher = softmax_fisher_closed_form(host)
+    return host, s, softmax_fisher_closed_form(host)
+
+
+def test_ewc_penalty_uses_fisher_and_is_zero_at_anchor():
+    host, s, fisher = finished_ewc(3.0)
     assert s.penalty().item() == 0.0
     d = displace(host.module, 15)
     pen, grads = penalty_and_grad(s, host)
@@ -435,11 +440,7 @@ def test_ewc_penalty_uses_fisher_and_is_zero_at_anchor():
 
 
 def test_ewc_strength_changed_after_construction_and_one_backward_per_penalty():
-    host = SoftmaxHost(make_x(5))
-    set_params(host.module, 14)
-    s = EWC(lam=3.0).bind(host)
-    finish_task(s, host, 0)
-    fisher = softmax_fisher_closed_form(host)
+    host, s, fisher = finished_ewc(3.0)
     d = displace(host.module, 15)
     penalty_and_grad(s, host)  # builds the scales for lam 3
     s.lam = 0.5  # e.g. a schedule: the next penalty must use it
