@@ -74,6 +74,15 @@ RL_METHOD_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
+#: agent -> method -> options that replace RL_METHOD_DEFAULTS' in the single-head setting
+#: (``--single-head``): there the protected set is the whole actor or policy, output layer
+#: included, so a strength calibrated with per-task heads can freeze it.
+RL_SINGLE_HEAD_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
+    "ppo": {},
+    "sac": {},
+}
+
+
 def agent_batch_size(agent: str, agent_options: Mapping[str, Any]) -> int:
     """The training (mini)batch size the agent will use: the option, or SB3's default."""
     if "batch_size" in agent_options:
@@ -93,7 +102,8 @@ def rl_method_options(
     user_options: Mapping[str, Any] | None = None,
     agent_options: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The options ``method`` is built with for ``agent``: RL defaults < the user's options.
+    """The options ``method`` is built with for ``agent``: RL defaults (their single-head
+    values when ``agent_options`` says ``multi_head: false``) < the user's options.
     For a combination (``ewc+redo``) ``user_options`` and the result hold one entry per
     member (:func:`crl.strategies.user_options`)."""
     if agent not in RL_METHOD_DEFAULTS:
@@ -106,9 +116,12 @@ def rl_method_options(
         return {m: rl_method_options(agent, m, given.get(m), agent_options) for m in members}
     method = members[0]
     options = dict(RL_METHOD_DEFAULTS[agent].get(method, {}))
+    if not bool((agent_options or {}).get("multi_head", True)):
+        options |= RL_SINGLE_HEAD_DEFAULTS[agent].get(method, {})
     if method == "agem":
         options["batch_size"] = agent_batch_size(agent, agent_options or {})
     return options | dict(user_options or {})
 
 
-__all__ = ["RL_METHOD_DEFAULTS", "agent_batch_size", "rl_method_options"]
+__all__ = ["RL_METHOD_DEFAULTS", "RL_SINGLE_HEAD_DEFAULTS", "agent_batch_size",
+           "rl_method_options"]

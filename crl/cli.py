@@ -99,6 +99,12 @@ def method_default_text(mo: Any, command: str) -> str:
 
     per_agent = {a: rl_method_options(a, mo.method).get(mo.param, mo.default)
                  for a in RL_METHOD_DEFAULTS}
+    single = {a: rl_method_options(a, mo.method, agent_options={"multi_head": False})
+              .get(mo.param, mo.default) for a in RL_METHOD_DEFAULTS}
+    if any(repr(single[a]) != repr(per_agent[a]) for a in per_agent):  # per head setting
+        return ", ".join(f"{a.upper()} {_show(v)}" + (f" (single head {_show(single[a])})"
+                                                      if repr(single[a]) != repr(v) else "")
+                         for a, v in per_agent.items())
     if mo.param == "max_samples" and all(v is None for v in per_agent.values()):
         return "all the task's --importance-samples"
     if mo.method == "agem" and mo.param == "batch_size":

@@ -278,9 +278,12 @@ def _option_defaults(run: RunData) -> dict[str, Any]:
 
         defaults |= SUPERVISED_METHOD_DEFAULTS.get(run.method, {})
     else:  # what `crl train` gives the method when the user sets nothing, per agent
-        from agents.method_defaults import RL_METHOD_DEFAULTS
+        from agents.method_defaults import RL_METHOD_DEFAULTS, rl_method_options
 
-        defaults |= RL_METHOD_DEFAULTS.get(str(run.config.get("agent")), {}).get(run.method, {})
+        agent = str(run.config.get("agent"))
+        if agent in RL_METHOD_DEFAULTS:
+            defaults |= rl_method_options(agent, run.method,
+                                          agent_options=run.config.get("agent_options") or {})
     return defaults
 
 

@@ -83,3 +83,20 @@ def test_list_methods_shows_both_defaults_and_text_values():
     assert "separate" in mode  # not swallowed as rich markup
     replay_mode = next(line for line in out.splitlines() if "--replay-mode" in line)
     assert "PPO distill" in replay_mode
+
+
+def test_single_head_defaults_replace_the_multi_head_ones(monkeypatch):
+    """A strength calibrated for the single-head setting is what a --single-head run gets,
+    and what --help and the report's labels compare with."""
+    from agents import method_defaults
+
+    monkeypatch.setitem(method_defaults.RL_SINGLE_HEAD_DEFAULTS["sac"], "l2", {"lam": 100.0})
+    multi = rl_method_options("sac", "l2")
+    assert multi == RL_METHOD_DEFAULTS["sac"]["l2"]
+    assert rl_method_options("sac", "l2", agent_options={"multi_head": False}) == {"lam": 100.0}
+    assert rl_method_options("sac", "l2", {"lam": 5.0}, {"multi_head": False}) == {"lam": 5.0}
+    from crl.cli import method_default_text
+
+    mo = next(o for o in method_options() if o.flag == "l2-lam")
+    shown = method_default_text(mo, "train")  # what --help and crl list methods print
+    assert f"SAC {_show(multi['lam'])} (single head 100.0)" in shown
