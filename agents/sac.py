@@ -134,6 +134,12 @@ class SACHost:
     def head_returns(self, heads: Sequence[int], episodes: int) -> list[float]:
         return self.agent.head_returns(heads, episodes)
 
+    @property
+    def explores(self) -> bool:
+        """Whether a task starts with a warm-up (``exploration_steps``) an exploration head
+        would act in."""
+        return self.agent.exploration_steps > 0
+
     def output_distribution(self, batch: Batch) -> Distribution:
         """The pre-tanh Gaussian (CW); its Fisher equals the squashed policy's."""
         mean, log_std, _ = self.agent.actor.get_action_dist_params(batch["obs"])

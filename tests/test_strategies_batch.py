@@ -294,12 +294,13 @@ def _clonex_sac(**kwargs):
     from envs.registry import get_sequence
 
     options = {"memory_size": 64, "batch_size": 32, "clonex": True, "clonex_episodes": 2}
+    kwargs.setdefault("exploration_steps", 50)
     return ContinualSAC(
         "MlpPolicy", ContinualEnv(get_sequence("PendulumVariants", steps_per_task=150),
                                   append_task_id=True),
         num_tasks=4, strategy="bc", strategy_options=options | kwargs.pop("options", {}),
-        exploration_steps=50, policy_kwargs=dict(net_arch=[16, 16]), batch_size=32,
-        buffer_size=2000, seed=0, **kwargs)
+        policy_kwargs=dict(net_arch=[16, 16]), batch_size=32, buffer_size=2000, seed=0,
+        **kwargs)
 
 
 def test_clonex_on_sac_plays_every_head_and_warms_up_with_the_best():
@@ -341,6 +342,17 @@ def test_clonex_on_sac_plays_every_head_and_warms_up_with_the_best():
     assert (stored[:, -4:] == np.eye(4)[2]).all()  # the true task-2 observations
     assert np.array_equal(as_task(stored, best, 4)[:, :-4], stored[:, :-4])
     sac.policy.predict = predict  # type: ignore[method-assign]
+
+
+def test_clonex_plays_no_episodes_without_a_warm_up():
+    sac = _clonex_sac(exploration_steps=0)
+    asked = []
+    sac.head_returns = lambda heads, episodes: asked.append(heads) or [0.0] * len(heads)
+    sac.start_task(0)
+    sac.learn(60, reset_num_timesteps=False)
+    sac.end_task(0)
+    sac.start_task(1)
+    assert asked == [] and sac.strategy.exploration_head is None
 
 
 def test_without_clonex_the_warm_up_is_uniform_random():
