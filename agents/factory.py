@@ -73,11 +73,14 @@ def check_method_options(config: RunConfig, sequence: TaskSequence) -> None:
             refuse_off_policy(build_strategy(config.method, options, sequence.num_tasks,
                                              config.seed))
         else:
-            from agents.sac import check_experience_keeping
+            from agents.sac import ContinualSAC, check_strategy_fits
 
             built = build_strategy(config.method, options, sequence.num_tasks, config.seed)
-            check_experience_keeping(built, bool(config.agent_options.get("reset_buffer", True)),
-                                     int(config.agent_options.get("n_steps", 1)))
+            explore = inspect.signature(ContinualSAC.__init__).parameters["exploration_steps"]
+            check_strategy_fits(built, bool(config.agent_options.get("reset_buffer", True)),
+                                int(config.agent_options.get("n_steps", 1)),
+                                int(config.agent_options.get("exploration_steps",
+                                                             explore.default)))
     except (ValueError, TypeError) as exc:
         given = [(config.method, k) for k in config.method_options.get(config.method) or {}]
         given += [(m, k) for m in method_members(config.method) if m != config.method

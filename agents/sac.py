@@ -134,12 +134,6 @@ class SACHost:
     def head_returns(self, heads: Sequence[int], episodes: int) -> list[float]:
         return self.agent.head_returns(heads, episodes)
 
-    @property
-    def explores(self) -> bool:
-        """Whether a task starts with a warm-up (``exploration_steps``) an exploration head
-        would act in."""
-        return self.agent.exploration_steps > 0
-
     def output_distribution(self, batch: Batch) -> Distribution:
         """The pre-tanh Gaussian (CW); its Fisher equals the squashed policy's."""
         mean, log_std, _ = self.agent.actor.get_action_dist_params(batch["obs"])
@@ -221,7 +215,8 @@ class ContinualSAC(ContinualAgent, SAC):
             super().__init__(policy, env, learning_starts=self.exploration_steps, **sb3_kwargs)
             return
         built = build_strategy(strategy, strategy_options, num_tasks, seed)
-        check_experience_keeping(built, self.reset_buffer, int(sb3_kwargs.get("n_steps", 1)))
+        check_strategy_fits(built, self.reset_buffer, int(sb3_kwargs.get("n_steps", 1)),
+                            self.exploration_steps)
 
         policy = self._resolve_policy(policy, sb3_kwargs)
         if sb3_kwargs.get("replay_buffer_class") is None and sb3_kwargs.get("n_steps", 1) == 1:
@@ -656,17 +651,23 @@ class _HeadPolicy:
                                     deterministic=deterministic, **kwargs)
 
 
-def check_experience_keeping(strategy: Strategy, reset_buffer: bool, n_steps: int) -> None:
+def check_strategy_fits(strategy: Strategy, reset_buffer: bool, n_steps: int,
+                        exploration_steps: int) -> None:
     """A method that keeps the finished tasks' transitions (replay's perfect memory) mixes
-    them into one-step batches of the running task's buffer."""
+    them into one-step batches of the running task's buffer; ClonEx acts in the warm-up."""
+    if strategy.explores_with_heads and exploration_steps == 0:
+        raise ValueError(
+            "ClonEx's exploration (--bc-clonex) acts with the best earlier head during each "
+            "task's warm-up, and exploration_steps=0 leaves none: give --exploration-steps "
+            "(e.g. 1000) or drop --bc-clonex"
+        )
     if not strategy.keeps_experience:
         return
     if not reset_buffer:
         raise ValueError(
-            f"{strategy.name} keeps every transition of the finished tasks in its own memory "
-            "and mixes them into each batch; keeping them in the replay buffer too "
-            "(reset_buffer=False, --keep-buffer) would count them twice: leave the buffer "
-            "reset at task switches"
+            "the method keeps every transition of the finished tasks in its own memory and "
+            "mixes them into each batch; keeping them in the replay buffer too "
+            "(reset_buffer=False, --keep-buffer) would count them twice: drop --keep-buffer"
         )
     if n_steps != 1:
         raise ValueError(

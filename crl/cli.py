@@ -41,7 +41,7 @@ def _supervised_options() -> list[click.Option]:
                          f"{b}: {s}" for b, s in DEFAULT_SCENARIO.items()) + ")."),
         click.Option(["--tasks"], type=click.IntRange(min=1), help="Number of tasks."),
         click.Option(["--method"], type=str, help="finetune, l2, ewc, mas, packnet, agem, "
-                     "replay, si, lwf, der, or joint (multi-task upper bound); plasticity "
+                     "replay, si, lwf, der, bc, or joint (multi-task upper bound); plasticity "
                      "interventions "
                      "l2init, snp, redo, cbp, alone or combined: ewc+redo. [finetune]"),
         click.Option(["--methods"], type=str, help="Comma list: run a comparison."),
@@ -598,7 +598,7 @@ def _rl_options() -> list[click.Option]:
             "YAML sequence file. [CartPoleSwap]"),
         opt(["--agent"], type=str, help="sac or ppo. [ppo]"),
         opt(["--method"], type=str, help="finetune, l2, ewc, mas, packnet, agem, replay, si, "
-            "lwf, der; "
+            "lwf, der, bc (--bc-clonex: ClonEx-SAC); "
             "plasticity interventions l2init, snp, redo, cbp, alone or combined with a "
             "method: ewc+redo. [finetune]"),
         opt(["--steps-per-task"], type=click.IntRange(min=1),
@@ -626,7 +626,8 @@ def _rl_options() -> list[click.Option]:
         opt(["--multi-head/--single-head", "multi_head"], default=None,
             help="One output head per task (CW default). [multi-head]"),
         opt(["--reset-buffer/--keep-buffer", "reset_buffer"], default=None,
-            help="SAC: new replay buffer at each task (CW default; never under replay)."),
+            help="SAC: new replay buffer at each task (CW default; replay's perfect memory "
+            "needs it). [reset]"),
         opt(["--reset-optimizer/--keep-optimizer", "reset_optimizer"], default=None,
             help="New optimiser state at each task (CW default). [reset]"),
         opt(["--exploration-steps"], type=click.IntRange(min=0),

@@ -344,17 +344,6 @@ def test_clonex_on_sac_plays_every_head_and_warms_up_with_the_best():
     sac.policy.predict = predict  # type: ignore[method-assign]
 
 
-def test_clonex_plays_no_episodes_without_a_warm_up():
-    sac = _clonex_sac(exploration_steps=0)
-    asked = []
-    sac.head_returns = lambda heads, episodes: asked.append(heads) or [0.0] * len(heads)
-    sac.start_task(0)
-    sac.learn(60, reset_num_timesteps=False)
-    sac.end_task(0)
-    sac.start_task(1)
-    assert asked == [] and sac.strategy.exploration_head is None
-
-
 def test_without_clonex_the_warm_up_is_uniform_random():
     sac = _clonex_sac(options={"clonex": False})
     sac.start_task(0)
@@ -382,3 +371,22 @@ def test_clonex_is_refused_where_no_head_can_explore():
         check_method_options(config, get_sequence("ClassicMix"))
     with pytest.raises(ValueError, match="clonex=True but this one has clonex=False"):
         make_strategy("bc").load_state_dict(make_strategy("bc", clonex=True).state_dict())
+
+
+def test_clonex_refused_without_a_warm_up_and_by_the_supervised_path():
+    from agents.config import ConfigError, RunConfig
+    from agents.factory import check_method_options
+    from crl.supervised.experiment import SupervisedConfig
+    from crl.supervised.experiment import check_method_options as check_supervised
+    from envs.registry import get_sequence
+
+    with pytest.raises(ValueError, match="exploration_steps=0 leaves none"):
+        _clonex_sac(exploration_steps=0)
+    config = RunConfig(sequence="PendulumVariants", agent="sac", method="bc",
+                       method_options={"bc": {"clonex": True}},
+                       agent_options={"exploration_steps": 0})
+    with pytest.raises(ConfigError, match="--exploration-steps"):
+        check_method_options(config, get_sequence("PendulumVariants"))
+    supervised = SupervisedConfig(method="bc", method_options={"bc": {"clonex": True}})
+    with pytest.raises(ValueError, match="a classifier has no exploration phase"):
+        check_supervised(supervised, 5)

@@ -64,8 +64,8 @@ class BC(Replay):
         super().on_task_start(task)
         self.exploration_head = None
         heads = sorted(self.memory.counts())  # the finished tasks (a cycle may revisit one)
-        if not self.clonex or not heads or not getattr(self._host(), "explores", True):
-            return  # nothing to choose from, or no exploration phase to use the choice
+        if not self.clonex or not heads:
+            return
         returns = self._host().head_returns(heads, self.clonex_episodes)  # type: ignore[attr-defined]
         best = max(range(len(heads)), key=lambda i: (returns[i], -i))  # ties: earliest head
         self.exploration_head = heads[best]

@@ -218,7 +218,12 @@ def check_method_options(config: SupervisedConfig, n_tasks: int) -> None:
     if config.method == JOINT:
         return
     try:
-        make_strategy(config.method, **method_options_for(config, n_tasks))
+        built = make_strategy(config.method, **method_options_for(config, n_tasks))
+        if built.explores_with_heads:
+            raise ValueError("ClonEx's exploration (--bc-clonex) explores a new task with an "
+                             "earlier task's policy head; a classifier has no exploration "
+                             "phase: use bc without --bc-clonex (ClonEx is for crl train "
+                             "--agent sac)")
     except (ValueError, TypeError) as exc:
         given = sorted(config.method_options.get(config.method) or {})
         flags = ", ".join(f"--{config.method}-{k.replace('_', '-')}" for k in given)
