@@ -14,6 +14,7 @@ from gymnasium import spaces
 from agents.config import AGENTS, ON_POLICY, ConfigError, RunConfig
 from agents.method_defaults import rl_method_options
 from crl.strategies import method_members, user_options
+from crl.strategies.base import check_used_options
 
 if TYPE_CHECKING:
     from envs.sequence import TaskSequence
@@ -70,8 +71,8 @@ def check_method_options(config: RunConfig, sequence: TaskSequence) -> None:
             from agents.ppo import on_policy_options, refuse_off_policy
 
             options = on_policy_options(config.method, options) or options
-            refuse_off_policy(build_strategy(config.method, options, sequence.num_tasks,
-                                             config.seed))
+            built = build_strategy(config.method, options, sequence.num_tasks, config.seed)
+            refuse_off_policy(built)
         else:
             from agents.sac import ContinualSAC, check_strategy_fits
 
@@ -81,6 +82,7 @@ def check_method_options(config: RunConfig, sequence: TaskSequence) -> None:
                                 int(config.agent_options.get("n_steps", 1)),
                                 int(config.agent_options.get("exploration_steps",
                                                              explore.default)))
+        check_used_options(built, config.method_options)
     except (ValueError, TypeError) as exc:
         given = [(config.method, k) for k in config.method_options.get(config.method) or {}]
         given += [(m, k) for m in method_members(config.method) if m != config.method

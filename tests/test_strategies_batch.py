@@ -390,3 +390,30 @@ def test_clonex_refused_without_a_warm_up_and_by_the_supervised_path():
     supervised = SupervisedConfig(method="bc", method_options={"bc": {"clonex": True}})
     with pytest.raises(ValueError, match="a classifier has no exploration phase"):
         check_supervised(supervised, 5)
+
+
+def test_options_the_method_would_ignore_are_refused():
+    from agents.config import ConfigError, RunConfig
+    from agents.factory import check_method_options
+    from crl.supervised.experiment import SupervisedConfig
+    from crl.supervised.experiment import check_method_options as check_supervised
+    from envs.registry import get_sequence
+
+    seq = get_sequence("PendulumVariants")
+    # SAC's replay default is the perfect memory: no memory batch, no weight
+    sac = RunConfig(sequence="PendulumVariants", agent="sac", method="replay",
+                    method_options={"replay": {"batch_size": 32, "lam": 2.0}})
+    with pytest.raises(ConfigError, match=r"--replay-batch-size, --replay-lam would do nothing"):
+        check_method_options(sac, seq)
+    sac.method_options["replay"]["mode"] = "rehearsal"  # there both are used
+    check_method_options(sac, seq)
+    combo = RunConfig(sequence="PendulumVariants", agent="sac", method="ewc+bc",
+                      method_options={"bc": {"clonex_episodes": 3}})
+    with pytest.raises(ConfigError, match="--bc-clonex-episodes would do nothing.*--bc-clonex"):
+        check_method_options(combo, seq)
+    combo.method_options["bc"]["clonex"] = True
+    check_method_options(combo, seq)
+    supervised = SupervisedConfig(method="replay",
+                                  method_options={"replay": {"mode": "buffer", "lam": 0.5}})
+    with pytest.raises(ValueError, match="--replay-lam would do nothing"):
+        check_supervised(supervised, 5)

@@ -61,6 +61,19 @@ class Host(Protocol):
         ...
 
 
+def check_used_options(strategy: Strategy, given: Mapping[str, Mapping[str, Any]]) -> None:
+    """Refuse user options (``{method: {option: value}}``) that the built method (or a
+    combination's member) would ignore, naming their flags."""
+    members = getattr(strategy, "members", [strategy])
+    for m in members:
+        unused = m.unused_options()
+        bad = sorted(k for k in (given.get(m.name) or {}) if k in unused)
+        if bad:
+            flags = ", ".join(f"--{m.name}-{k.replace('_', '-')}" for k in bad)
+            raise ValueError(f"{flags} would do nothing: {unused[bad[0]]}; drop "
+                             f"{'it' if len(bad) == 1 else 'them'}")
+
+
 def experience_batches(host: Host) -> Iterable[Batch]:
     """Every training sample of the task just finished (its training set, or all of its
     transitions in the replay buffer), for methods that keep the data itself. Hosts that
@@ -158,6 +171,11 @@ class Strategy:
     #: Whether the method explores a new task with earlier tasks' policy heads (ClonEx): it
     #: needs a host with an exploration phase (SAC's warm-up; PPO has none).
     explores_with_heads: bool = False
+
+    def unused_options(self) -> dict[str, str]:
+        """Constructor options this configuration of the method never reads, each with why:
+        a user who sets one is told instead of getting a run where it does nothing."""
+        return {}
 
     def diagnostics(self) -> dict[str, float]:
         """The strategy's own numbers for the training log (e.g. A-GEM's projection rate),

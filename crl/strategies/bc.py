@@ -73,6 +73,13 @@ class BC(Replay):
                                     "returns": {int(h): float(r)
                                                 for h, r in zip(heads, returns, strict=True)}})
 
+    def unused_options(self) -> dict[str, str]:
+        if self.clonex:
+            return super().unused_options()
+        return super().unused_options() | {
+            "clonex_episodes": "it sets how many episodes ClonEx's exploration plays per "
+                               "head, and ClonEx is off (add --bc-clonex)"}
+
     def diagnostics(self) -> dict[str, float]:
         out = super().diagnostics()
         if self.exploration_head is not None:

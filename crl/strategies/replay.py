@@ -113,6 +113,13 @@ class Replay(Strategy):
                 self.memory.add(batch, task)
         super().on_task_end(task)
 
+    def unused_options(self) -> dict[str, str]:
+        if self.mode != "buffer":
+            return {}
+        why = ("replay's buffer mode mixes stored samples into the training batch itself "
+               "(its share follows the data seen), with no separate memory batch or weight")
+        return {"batch_size": why, "lam": why}
+
     def replay_batch(self, n: int, fresh: int, *, appended: bool = False) -> Batch | None:
         """Buffer mode: stored samples such that the mixed batch is a uniform draw over
         every sample seen (the memory's stream, of which the stored ones are a uniform

@@ -59,6 +59,7 @@ from crl.runs import (
     record_run_failure,
 )
 from crl.strategies import check_method, make_strategy, method_members
+from crl.strategies.base import check_used_options
 from crl.supervised.benchmarks import Benchmark, make_benchmark
 from crl.supervised.mnist import MNIST, load_mnist
 from crl.supervised.models import MLPClassifier
@@ -224,6 +225,7 @@ def check_method_options(config: SupervisedConfig, n_tasks: int) -> None:
                              "earlier task's policy head; a classifier has no exploration "
                              "phase: use bc without --bc-clonex (ClonEx is for crl train "
                              "--agent sac)")
+        check_used_options(built, config.method_options)
     except (ValueError, TypeError) as exc:
         given = sorted(config.method_options.get(config.method) or {})
         flags = ", ".join(f"--{config.method}-{k.replace('_', '-')}" for k in given)
