@@ -52,7 +52,7 @@ from torch.nn import functional as F
 from agents.continual import ContinualAgent, build_strategy, check_num_tasks
 from agents.evaluation import BatchedEvaluator
 from agents.heads import as_task, task_index_from_obs
-from agents.sac_buffer import TaskReplayBuffer
+from agents.sac_buffer import TaskReplayBuffer, valid_count, valid_slots
 from agents.sac_policy import MultiHeadSACPolicy
 from crl.strategies import Batch, Strategy
 from crl.strategies.memory import batch_length, concat_batches
@@ -364,12 +364,9 @@ class ContinualSAC(ContinualAgent, SAC):
         if isinstance(buf, TaskReplayBuffer):
             slots = buf.task_slots(-1 if self.current_task is None else self.current_task)
         else:  # unknown writer per slot: whatever the buffer holds (reset at each switch)
-            upper = buf.buffer_size if buf.full else buf.pos
-            slots = np.arange(upper)
-            if buf.full and buf.optimize_memory_usage:  # slot pos holds no valid next_obs
-                slots = slots[slots != buf.pos]
+            slots = valid_slots(buf)
         if everything:
-            if buf.full and len(slots) == buf.buffer_size - int(buf.optimize_memory_usage):
+            if buf.full and len(slots) == valid_count(buf):
                 warnings.warn(
                     f"the replay buffer ({buf.buffer_size} slots) is full of the finished "
                     "task's transitions: if the task ran longer, its earliest transitions "
@@ -572,8 +569,7 @@ class ContinualSAC(ContinualAgent, SAC):
         transitions (replay's perfect memory) supplies part of it (``replay_batch``)."""
         buf = self.replay_buffer
         assert buf is not None
-        slots = len(buf.valid_slots()) if isinstance(buf, TaskReplayBuffer) else buf.size()
-        extra = self.strategy.replay_batch(batch_size, slots * buf.n_envs)
+        extra = self.strategy.replay_batch(batch_size, valid_count(buf) * buf.n_envs)
         own = batch_size - (0 if extra is None else batch_length(extra))
         if own == 0:
             assert extra is not None
@@ -588,15 +584,9 @@ class ContinualSAC(ContinualAgent, SAC):
         }
         if data.discounts is not None:
             batch["discounts"] = data.discounts
-        if extra is None:
-            return batch
-        if set(extra) != set(batch):
-            raise ValueError(
-                f"the strategy's stored transitions have keys {sorted(extra)} but the replay "
-                f"buffer's batches {sorted(batch)}: n-step returns (n_steps > 1) cannot be "
-                "mixed with stored one-step transitions; use n_steps=1 with this method"
-            )
-        return concat_batches([batch, extra])
+        # n-step batches (another key set) are refused with the method at construction
+        # (check_strategy_fits); concat_batches names any other key mismatch
+        return batch if extra is None else concat_batches([batch, extra])
 
     def train(self, gradient_steps: int, batch_size: int = 64) -> None:
         self.policy.set_training_mode(True)

@@ -55,19 +55,28 @@ class TaskReplayBuffer(ReplayBuffer):
         super().reset()
         self.slot_task.fill(-1)
 
-    def valid_slots(self) -> np.ndarray:
-        """Indices of the slots holding a transition that can be sampled."""
-        if self.full:
-            slots = np.arange(self.buffer_size)
-            if self.optimize_memory_usage:  # slot pos holds no valid next_obs
-                slots = slots[slots != self.pos]
-            return slots
-        return np.arange(self.pos)
-
     def task_slots(self, task: int) -> np.ndarray:
         """Valid slots written during ``task``."""
-        slots = self.valid_slots()
+        slots = valid_slots(self)
         return slots[self.slot_task[slots] == task]
 
 
-__all__ = ["TaskReplayBuffer"]
+def valid_slots(buf: ReplayBuffer) -> np.ndarray:
+    """Indices of the slots of an SB3 replay buffer holding a transition that can be
+    sampled."""
+    if buf.full:
+        slots = np.arange(buf.buffer_size)
+        if buf.optimize_memory_usage:  # slot pos holds no valid next_obs
+            slots = slots[slots != buf.pos]
+        return slots
+    return np.arange(buf.pos)
+
+
+def valid_count(buf: ReplayBuffer) -> int:
+    """``len(valid_slots(buf))`` without building the index array (asked every update)."""
+    if buf.full:
+        return buf.buffer_size - int(buf.optimize_memory_usage)
+    return buf.pos
+
+
+__all__ = ["TaskReplayBuffer", "valid_count", "valid_slots"]

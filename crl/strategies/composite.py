@@ -5,9 +5,8 @@ Hooks run in the order the methods are named, except around weight rewrites: mem
 rewrite weights (``rewrites_weights``: Shrink & Perturb, ReDo, CBP) run first at a task start
 and last after each optimiser step, so that the others (SI's path integral, an anchor taken
 at the start) see the rewrite as the new starting point and not as movement by training.
-Penalties add up; ``evaluation`` nests every member's context. The host-facing flags combine
-conservatively: the replay buffer is reset only if every member allows it, and the update is
-joint if any member needs it.
+Penalties add up; ``evaluation`` nests every member's context. The host-facing flags hold if
+any member's does (a joint update, stored transitions, kept experience, head exploration).
 """
 
 from __future__ import annotations
