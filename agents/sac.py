@@ -135,9 +135,15 @@ class SACHost:
         return self.agent.head_returns(heads, episodes)
 
     def output_distribution(self, batch: Batch) -> Distribution:
-        """The pre-tanh Gaussian (CW); its Fisher equals the squashed policy's."""
-        mean, log_std, _ = self.agent.actor.get_action_dist_params(batch["obs"])
-        normal = Normal(mean, log_std.exp(), validate_args=False)
+        """The pre-tanh Gaussian (CW); its Fisher equals the squashed policy's. With gSDE the
+        actor's ``log_std`` is the noise matrix's, so the per-sample std comes from SB3's own
+        state-dependent distribution (variance = latent^2 @ std^2)."""
+        actor = self.agent.actor
+        mean, log_std, extra = actor.get_action_dist_params(batch["obs"])
+        if actor.use_sde:
+            normal = actor.action_dist.proba_distribution(mean, log_std, **extra).distribution
+        else:
+            normal = Normal(mean, log_std.exp(), validate_args=False)
         return Independent(normal, 1, validate_args=False)
 
     def loss(self, batch: Batch) -> torch.Tensor:

@@ -377,6 +377,24 @@ def test_ewc_fisher_on_sac_host_is_finite_nonzero_and_detached() -> None:
     assert all((b["obs"][:, 3] == 1).all() for b in batches)  # one-hot of task 0
 
 
+def test_gsde_output_distribution_is_per_sample_and_feeds_the_fisher() -> None:
+    # with gSDE the actor's log_std is the (latent x action) noise matrix's; the per-sample
+    # std is sqrt(latent^2 @ exp(log_std)^2) (gSDE, Raffin et al. 2022)
+    agent = make_agent(multi_head=False, use_sde=True)
+    train_task(agent, 0, end=False)
+    batch = next(iter(agent.task_batches()))
+    obs = batch["obs"][:8]
+    dist = agent.host.output_distribution({"obs": obs})
+    assert dist.batch_shape == (8,) and dist.event_shape == (1,)
+    actor = agent.actor
+    with torch.no_grad():
+        latent = actor.latent_pi(actor.extract_features(obs, actor.features_extractor))
+        var = (latent**2) @ (actor.log_std.exp() ** 2)
+    torch.testing.assert_close(dist.base_dist.stddev, (var + 1e-6).sqrt())
+    fisher = fisher_diagonal(agent.host, "true", max_samples=64)
+    assert all(torch.isfinite(f).all() and float(f.sum()) > 0 for f in fisher.values())
+
+
 def test_sac_on_discrete_sequence_is_a_clear_error() -> None:
     env = ContinualEnv(get_sequence("CartPoleSwap", steps_per_task=50), append_task_id=True)
     with pytest.raises(ValueError, match="continuous.*PPO"):
