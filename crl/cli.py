@@ -770,7 +770,9 @@ def _train_run_options() -> list[click.Option]:
         click.Option(["--checkpoint-buffer/--no-checkpoint-buffer", "checkpoint_buffer"],
                      default=None, help="SAC: put the replay buffer in the checkpoints (large: "
                      "~840 MB for CW10's 1M transitions; without it a resume is not "
-                     "bit-exact). [on]"),
+                     "bit-exact). The strategy's own memories (replay's perfect memory "
+                     "of finished tasks, A-GEM, bc) are always kept: a resume cannot "
+                     "recollect them. [on]"),
     ]
 
 
