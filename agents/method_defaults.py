@@ -26,17 +26,18 @@ Penalty convention everywhere: ``lam * sum_i w_i (theta_i - theta*_i)^2`` with n
   its numbers carry over. Differences: CW clips each sample's Fisher from below at 1e-5 and
   we do not; our Gaussian MAS output norm is ||mu||^2 + ||sigma||^2 where CW's is
   ||mu||^2 + ||log sigma||^2 (MAS's 1e4 is also the grid's best here).
-- SAC single head (``--single-head``; ``scripts/sweeps/mujocomix-sac-single-head-calibration.yaml``,
-  3 seeds, P(T) / new-task gain): L2 0.1 0.22 / 0.49 (2 seeds), 1 0.15 / 0.34, 10 0.36 /
-  0.22, 100 0.42 / 0.18, 1e3 0.37 / 0.01 (1 seed), 1e4 0.33 / 0.00 (1 seed), 1e5 0.33 /
-  0.00 (5 seeds): 100 chosen. Every strength is all or nothing per seed: either
-  InvertedPendulum is forgotten (0.86-1.0) or Pendulum is never learnt (gain <= 0.03); a
-  uniform anchor on the shared output layer leaves no strength where both hold, so L2's
-  single-head gain stays below half of finetune's (0.54). EWC and MAS keep their
-  multi-head strengths: at them single-head forgetting is 0.32 and 0.54 (finetune 0.72)
-  with gains 0.47 and 0.49; their seed-0 grids (EWC 10 / 100 / 1e3 / 1e4: P 0.32 / 0.30 /
-  0.19 / 0.14; MAS 100 / 1e3 / 1e4 / 1e5 / 1e6: 0.21 / 0.29 / 0.13 / 0.13 / 0.36) vary
-  more between seeds than between strengths (EWC 1e3 over 5 seeds: 0.19 to 0.57).
+- SAC single head (``--single-head``; ``scripts/sweeps/mujocomix-sac-single-head-
+  calibration.yaml``, 3 seeds, P(T) / new-task gain): L2 0.1 0.22 / 0.51, 1 0.18 / 0.30, 10
+  0.36 / 0.22, 100 0.42 / 0.18, 1e3 0.37 / 0.01 (1 seed), 1e4 0.33 / 0.00 (1 seed), 1e5 0.33
+  / 0.00 (5 seeds): 100 chosen. From 10 up no seed learns Pendulum (gain <= 0.03), and 2 of
+  the 6 seeds of 10 and 100 still forget InvertedPendulum (0.55-0.63); at 1 and below
+  InvertedPendulum is forgotten (0.55-1.0). No strength keeps both: L2's single-head gain at
+  the chosen 100 is a third of finetune's (0.54); the one strength whose gain reaches half
+  of it (1: 0.30) ends below finetune's P(T) (0.21). EWC and MAS keep their multi-head
+  strengths: at them single-head forgetting is 0.32 and 0.54 (finetune 0.72) with gains 0.47
+  and 0.49; their seed-0 grids (EWC 10 / 100 / 1e3 / 1e4: P 0.32 / 0.30 / 0.19 / 0.14; MAS
+  100 / 1e3 / 1e4 / 1e5 / 1e6: 0.21 / 0.29 / 0.13 / 0.13 / 0.36) vary more between seeds
+  than between strengths (EWC 1e3 over 5 seeds: 0.19 to 0.57).
 - PPO: calibrated on ClassicMix (Acrobot, CartPole, swapped CartPole; multi-head, crl
   train's default; 3 seeds; ``scripts/sweeps/classicmix-ppo-calibration.yaml``), picked by
   final average performance P(T) as Continual World did; on a tie, the existing default if
