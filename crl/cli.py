@@ -134,7 +134,8 @@ def _method_flag_options(command: str) -> list[click.Option]:
     opts = []
     for mo in method_options():
         names = [f"--{mo.flag}/--no-{mo.flag}"] if mo.type is bool else [f"--{mo.flag}"]
-        kind = NumberList() if mo.type is list else mo.type
+        kind = (NumberList() if mo.type is list
+                else click.Choice(mo.choices) if mo.choices else mo.type)
         opts.append(click.Option([*names, mo.dest], type=kind, default=None,
                                  help=f"{mo.method}: {mo.param} "
                                  f"[{method_default_text(mo, command)}]"))
@@ -631,7 +632,8 @@ def _rl_options() -> list[click.Option]:
         opt(["--reset-optimizer/--keep-optimizer", "reset_optimizer"], default=None,
             help="New optimiser state at each task (CW default). [reset]"),
         opt(["--exploration-steps"], type=click.IntRange(min=0),
-            help="SAC: uniform random actions for the first N steps of each task."),
+            help="SAC: uniform random actions for the first N steps of each task "
+                 "(SB3's learning_starts, rearmed per task). [10000]"),
         opt(["--per-task-entropy/--shared-entropy", "per_task_entropy"], default=None,
             help="SAC: a separate entropy coefficient per task."),
         opt(["--regularize-critic/--no-regularize-critic", "regularize_critic"], default=None,

@@ -29,6 +29,8 @@ class MethodOption:
     param: str
     type: type
     default: Any
+    #: the words the option accepts, where the strategy declares them (``option_choices``)
+    choices: tuple[str, ...] | None = None
 
     @property
     def flag(self) -> str:
@@ -74,7 +76,8 @@ def method_options() -> list[MethodOption]:
             tp = _base_type(param.annotation, default)
             if default is not None and not isinstance(default, (bool, int, float, str)):
                 continue  # lists and other structured options come from YAML only
-            out.append(MethodOption(method, name, tp, default))
+            out.append(MethodOption(method, name, tp, default,
+                                    getattr(cls, "option_choices", {}).get(name)))
     return out
 
 

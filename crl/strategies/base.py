@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -97,6 +97,9 @@ class Strategy:
     """
 
     name: str = "finetune"
+    #: Constructor options that take one of a fixed set of words: the CLI offers them as
+    #: choices (``--replay-mode [rehearsal|distill|buffer]``) and rejects others up front.
+    option_choices: ClassVar[dict[str, tuple[str, ...]]] = {}
     #: Whether a host with several optimisers (SAC: actor, critic) must compute every
     #: gradient before any step and call ``before_optimizer_step`` once over all of them
     #: (A-GEM projects actor and critic together, as in CW). Otherwise a host may step its

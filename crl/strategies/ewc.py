@@ -31,6 +31,7 @@ class EWC(AnchoredPenalty):
     """
 
     name = "ewc"
+    option_choices = {"mode": MODES, "fisher": FISHER_MODES}  # noqa: RUF012 - read-only
 
     def __init__(
         self,

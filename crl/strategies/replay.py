@@ -63,6 +63,7 @@ class Replay(Strategy):
     """
 
     name = "replay"
+    option_choices = {"mode": MODES}  # noqa: RUF012 - read-only
     on_policy_options = {"mode": "distill"}  # noqa: RUF012 - read-only class default
 
     def __init__(
