@@ -434,6 +434,8 @@ def _execute(plan: _Plan, path: Path, *, resume: _Resume | None = None,
                     "env_steps": int(agent.num_timesteps),
                     "steps_per_second": agent.num_timesteps / max(timings["train_seconds"],
                                                                   1e-9)}
+        if method_summary := agent.strategy.run_summary():
+            summary["method_summary"] = method_summary
         if resume is not None:
             summary["resumed"] = {"from_step": int(resume.state["num_timesteps"]),
                                   "exact": not resume.notes, "notes": resume.notes}

@@ -211,3 +211,23 @@ def test_multi_head_ppo_evaluation_uses_each_slots_head() -> None:
     actions = np.concatenate([a for _, a in seen])
     assert set(tasks.tolist()) == {0, 1}
     np.testing.assert_array_equal(actions, tasks)
+
+
+def test_clonex_choices_reach_results_json(tmp_path: Path) -> None:
+    """The head ClonEx explored with at each task start, and the returns it chose by, are
+    in results.json (``method_summary``), not only in the checkpoint and the log."""
+    res = CliRunner().invoke(main, [
+        "train", "--sequence", "PendulumVariants", "--agent", "sac", "--method", "bc",
+        "--bc-clonex", "--bc-clonex-episodes", "1", "--steps-per-task", "120",
+        "--exploration-steps", "60", "--batch-size", "32", "--net-arch", "16",
+        "--eval-every", "120", "--eval-episodes", "1", "--random-episodes", "1",
+        "--wandb", "disabled", "--no-progress", "--run-dir", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    (run_dir,) = (tmp_path / "PendulumVariants-sac").iterdir()
+    choices = json.loads((run_dir / "results.json").read_text())["method_summary"][
+        "clonex_choices"]
+    assert [c["task"] for c in choices] == [1, 2, 3]  # every task after the first
+    for c in choices:  # the best of the finished heads (ties: the earliest)
+        returns = {int(h): r for h, r in c["returns"].items()}
+        assert sorted(returns) == list(range(c["task"]))
+        assert c["head"] == min(h for h, r in returns.items() if r == max(returns.values()))

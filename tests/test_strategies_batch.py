@@ -272,6 +272,7 @@ def test_clonex_explores_with_the_earlier_head_of_highest_return():
     assert [c["head"] for c in bc.clonex_choices] == [0, 1, 1]
     assert bc.exploration_head == 1 and bc.diagnostics()["clonex_head"] == 1.0
     assert bc.clonex_choices[-1]["returns"] == {0: 1.0, 1: 3.0, 2: 3.0}
+    assert bc.run_summary() == {"clonex_choices": bc.clonex_choices}  # into results.json
     again = BC(memory_size=40, clonex=True, clonex_episodes=3).bind(host)
     again.load_state_dict(bc.state_dict())
     assert again.exploration_head == 1 and again.clonex_choices == bc.clonex_choices
@@ -279,6 +280,12 @@ def test_clonex_explores_with_the_earlier_head_of_highest_return():
     plain.on_task_end(0)
     plain.on_task_start(1)
     assert plain.exploration_head is None and len(host.asked) == 3  # off by default
+    assert plain.run_summary() == {}
+    combo = make_strategy("bc+redo", bc={"memory_size": 40, "clonex": True}).bind(host)
+    combo.on_task_end(0)
+    combo.on_task_start(1)
+    assert combo.run_summary() == {"bc": {"clonex_choices": [
+        {"task": 1, "head": 0, "returns": {0: 1.0}}]}}  # per member, only those with one
 
 
 def test_clonex_needs_a_host_that_plays_heads():

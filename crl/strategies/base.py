@@ -185,6 +185,12 @@ class Strategy:
         read by the hosts when they log; keys are prefixed with ``train/``."""
         return {}
 
+    def run_summary(self) -> dict[str, Any]:
+        """What the run's ``results.json`` keeps of the method's own decisions (JSON
+        values; e.g. ClonEx's head per task and the returns it chose by), read once when
+        the run ends: the log has them only as a time series."""
+        return {}
+
     def before_optimizer_step(self) -> None:
         pass
 

@@ -86,6 +86,11 @@ class BC(Replay):
             out["clonex_head"] = float(self.exploration_head)
         return out
 
+    def run_summary(self) -> dict[str, Any]:
+        if not self.clonex:
+            return super().run_summary()
+        return super().run_summary() | {"clonex_choices": list(self.clonex_choices)}
+
     def state_dict(self) -> dict[str, Any]:
         return super().state_dict() | {"clonex": self.clonex,
                                        "exploration_head": self.exploration_head,

@@ -92,6 +92,9 @@ class Composite(Strategy):
             out.update(m.diagnostics())
         return out
 
+    def run_summary(self) -> dict[str, Any]:
+        return {m.name: summary for m in self.members if (summary := m.run_summary())}
+
     def before_optimizer_step(self) -> None:
         for m in self.members:
             m.before_optimizer_step()

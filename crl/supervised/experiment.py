@@ -422,6 +422,7 @@ def _execute(
 
         trainer_resume = None if resume is None else resume["trainer"]
         save = on_checkpoint if checkpoints else None
+        strategy = None  # joint training has none
         try:
             if config.method == JOINT:
                 result = run_joint(
@@ -443,6 +444,8 @@ def _execute(
                 raise
             raise failure from exc
         summary = supervised_summary(result)
+        if strategy is not None and (method_summary := strategy.run_summary()):
+            summary["method_summary"] = method_summary
         if result.matrix.shape[0] > 1:
             tracker.log_matrix("accuracy_matrix", result.matrix, task_names, task_names)
             curves = plot_average_and_forgetting(
