@@ -650,7 +650,17 @@ class _HeadPolicy:
 def check_strategy_fits(strategy: Strategy, reset_buffer: bool, n_steps: int,
                         exploration_steps: int) -> None:
     """A method that keeps the finished tasks' transitions (replay's perfect memory) mixes
-    them into one-step batches of the running task's buffer; ClonEx acts in the warm-up."""
+    them into one-step batches of the running task's buffer; ClonEx acts in the warm-up.
+    A penalty that is the whole SAC loss on stored transitions (rehearsal) would reach only
+    the actor: the actor step applies the penalty, and the critic loss within it would also
+    push the critic toward the actor's objective with ``regularize_critic``."""
+    if strategy.penalty_is_host_loss:
+        raise ValueError(
+            f"{strategy.name}'s rehearsal adds SAC's loss on stored transitions as a penalty, "
+            "which SAC's actor step alone would apply (the critic would never rehearse); "
+            "use --replay-mode buffer, whose stored transitions join the batch that critic "
+            "and actor train on (--replay-share 0.5 for a fixed half of each batch)"
+        )
     if strategy.explores_with_heads and exploration_steps == 0:
         raise ValueError(
             "ClonEx's exploration (--bc-clonex) acts with the best earlier head during each "

@@ -244,6 +244,26 @@ def test_replay_keeps_finished_tasks_in_the_strategy_memory_and_mixes_them_in() 
     assert set(torch.cat(tasks).tolist()) == {0, 1}
 
 
+def test_balanced_replay_gives_the_memory_its_fixed_share_of_every_sac_batch() -> None:
+    """``share=0.25``: 8 of every 32 transitions come from task 0's memory, whatever the
+    buffer holds (the uniform draw would give 0.60-0.75 here)."""
+    replay = make_agent(strategy="replay", strategy_options={"mode": "buffer", "share": 0.25})
+    train_task(replay, 0)
+    replay.start_task(1)
+    tasks: list[torch.Tensor] = []
+    own = replay.batch_losses
+
+    def spy(batch, *args, **kwargs):
+        tasks.append(batch["obs"][:, -4:].argmax(1))
+        return own(batch, *args, **kwargs)
+
+    replay.batch_losses = spy  # type: ignore[method-assign]
+    replay.learn(60, reset_num_timesteps=False)  # 50 exploration steps, then 10 updates
+    assert len(tasks) == 10
+    assert [int(t.eq(0).sum()) for t in tasks] == [8] * 10
+    assert [int(t.eq(1).sum()) for t in tasks] == [24] * 10
+
+
 def test_optimizer_state_reset_at_switch_and_kept_when_disabled() -> None:
     agent = make_agent()
     train_task(agent, 0)
@@ -438,7 +458,16 @@ def test_perfect_memory_refuses_a_kept_buffer_and_n_step_returns() -> None:
                        agent_options={"reset_buffer": False})
     with pytest.raises(ConfigError, match="count them twice"):  # before any run directory
         check_method_options(config, get_sequence("PendulumVariants"))
-    make_agent(strategy="replay", strategy_options={"mode": "rehearsal"}, reset_buffer=False)
+    with pytest.raises(ValueError, match="critic would never rehearse.*--replay-mode buffer"):
+        make_agent(strategy="replay", strategy_options={"mode": "rehearsal"})
+    config = RunConfig(sequence="PendulumVariants", agent="sac", method="replay",
+                       method_options={"replay": {"mode": "rehearsal"}})
+    with pytest.raises(ConfigError, match="critic would never rehearse"):
+        check_method_options(config, get_sequence("PendulumVariants"))
+    combo = RunConfig(sequence="PendulumVariants", agent="sac", method="replay+redo",
+                      method_options={"replay": {"mode": "rehearsal"}})
+    with pytest.raises(ConfigError, match="critic would never rehearse"):  # inside a combination
+        check_method_options(combo, get_sequence("PendulumVariants"))
 
 
 def test_a_reservoir_checkpoint_of_an_older_version_is_refused() -> None:

@@ -533,6 +533,30 @@ def test_buffer_mode_share_counts_every_sample_seen_and_appending_hosts():
     assert set(frac) == {7, 8} and abs(np.mean(frac) - 7.2) < 0.03  # 3 * 96 / 40 = 7.2
 
 
+def test_buffer_mode_fixed_share_ignores_how_much_each_side_has_seen():
+    """Balanced replay (``share``): a drawing host gets n * share stored samples whatever
+    S and F are (the uniform draw would give 16 * 96/128 = 12 here); an appending host
+    n * share / (1 - share), so the stored part of its combined batch is again ``share``;
+    with no own data yet the whole batch is stored samples."""
+    host = MLPHost(n=96)
+    rep = make_strategy("replay", mode="buffer", memory_size=24, share=0.25).bind(host)
+    rep.on_task_start(0)
+    rep.on_task_end(0)
+    assert {batch_length(rep.replay_batch(16, 32)) for _ in range(200)} == {4}  # 16 / 4
+    assert {batch_length(rep.replay_batch(16, 10_000)) for _ in range(200)} == {4}
+    drawn = [batch_length(rep.replay_batch(10, 32) or {"x": torch.zeros(0)})
+             for _ in range(4000)]  # 2.5: 2 or 3, mean exact
+    assert set(drawn) == {2, 3} and abs(np.mean(drawn) - 2.5) < 0.03
+    appended = [batch_length(rep.replay_batch(6, 32, appended=True)) for _ in range(200)]
+    assert set(appended) == {2}  # 6 * 0.25 / 0.75: 2 of 8 in the combined batch
+    assert batch_length(rep.replay_batch(16, 0)) == 16
+    for bad in (0.0, 1.0, -0.5, True, "half"):
+        with pytest.raises(ValueError, match=r"share must be a number in \(0, 1\)"):
+            Replay(mode="buffer", share=bad)
+    assert "share" in Replay(mode="rehearsal", share=0.5).unused_options()
+    assert "share" not in Replay(mode="buffer", share=0.5).unused_options()
+
+
 def test_buffer_mode_needs_a_host_that_keeps_its_data():
     rep = Replay(mode="buffer").bind(ConstantHost("categorical"))
     with pytest.raises(TypeError, match="keeps no training samples"):

@@ -108,6 +108,10 @@ class Strategy:
     #: Whether the method trains on stored transitions of earlier tasks (rehearsal, a kept
     #: replay buffer): an on-policy host (PPO) refuses such a method.
     learns_from_stored_transitions: bool = False
+    #: Whether :meth:`penalty` is the host's whole training loss on stored samples (replay's
+    #: rehearsal): a host whose optimisers step one loss each (SAC: critic, actor) cannot
+    #: route such a penalty, and refuses it.
+    penalty_is_host_loss: bool = False
     #: Whether the method rewrites weights outside the optimiser step (Shrink & Perturb at
     #: task starts, ReDo and CBP after steps): combined methods see those rewrites as a
     #: new starting point, not as training (composite.Composite orders the hooks so).

@@ -48,6 +48,7 @@ class Composite(Strategy):
         self.learns_from_stored_transitions = any(
             m.learns_from_stored_transitions for m in members)
         self.keeps_experience = any(m.keeps_experience for m in members)
+        self.penalty_is_host_loss = any(m.penalty_is_host_loss for m in members)
         self.explores_with_heads = any(m.explores_with_heads for m in members)
 
     def bind(self, host: Host) -> Composite:

@@ -24,6 +24,12 @@
   so that each epoch weighs every sample seen equally. For SAC this is CW's replay buffer
   that spans the whole sequence, with the agent's own buffer holding the running task; the
   memory is the strategy core's reservoir, not agent code. No penalty.
+  ``share`` fixes the memory's part of every batch instead (balanced replay: 0.5 is the
+  equal halves of Chaudhry et al. 2019's experience replay and of CLEAR's 50-50 mix, Rolnick
+  et al. 2019): the uniform draw gives a task that follows long ones a small part of each
+  batch (after 30,000 transitions of earlier tasks, 3% when the new task has 1,000), which
+  on short RL tasks leaves it unlearnt. A drawing host then takes ``n * share`` stored
+  samples (stochastic rounding), an appending host ``n * share / (1 - share)``.
 """
 
 from __future__ import annotations
@@ -59,7 +65,8 @@ class Replay(Strategy):
     ``memory_size``: reservoir capacity (samples over all tasks). ``batch_size``: memory
     samples per update. ``task_balanced``: equal memory quota per task instead of a reservoir
     over the whole stream. ``lam``: weight of the replay term (not used by ``buffer``, whose
-    samples join the training batch).
+    samples join the training batch). ``share``: buffer mode's fixed part of each batch from
+    the memory (None: uniform over every sample seen, CW's perfect memory).
     """
 
     name = "replay"
@@ -73,11 +80,17 @@ class Replay(Strategy):
         task_balanced: bool = False,
         mode: str = "rehearsal",
         lam: float = 1.0,
+        share: float | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"unknown replay mode {mode!r}; choose one of: {', '.join(MODES)}")
+        if share is not None and (isinstance(share, bool) or not isinstance(share, int | float)
+                                  or not 0.0 < share < 1.0):
+            raise ValueError(f"share must be a number in (0, 1) (the memory's part of each "
+                             f"batch) or None (uniform over the data seen), got {share!r}")
+        self.share = None if share is None else float(share)
         if (
             not isinstance(lam, int | float)
             or isinstance(lam, bool)
@@ -94,6 +107,7 @@ class Replay(Strategy):
         self.dist_ndims = 0
         self.learns_from_stored_transitions = mode != "distill"
         self.keeps_experience = mode == "buffer"
+        self.penalty_is_host_loss = mode == "rehearsal"
 
     @property
     def penalty_label(self) -> str:
@@ -116,7 +130,8 @@ class Replay(Strategy):
 
     def unused_options(self) -> dict[str, str]:
         if self.mode != "buffer":
-            return {}
+            return {"share": "it sets the memory's part of the training batch in buffer mode "
+                             f"(add --replay-mode buffer), and this is {self.mode} mode"}
         why = ("replay's buffer mode mixes stored samples into the training batch itself "
                "(its share follows the data seen), with no separate memory batch or weight")
         return {"batch_size": why, "lam": why}
@@ -124,17 +139,24 @@ class Replay(Strategy):
     def replay_batch(self, n: int, fresh: int, *, appended: bool = False) -> Batch | None:
         """Buffer mode: stored samples such that the mixed batch is a uniform draw over
         every sample seen (the memory's stream, of which the stored ones are a uniform
-        sample, and the host's ``fresh`` own); see the module docstring."""
+        sample, and the host's ``fresh`` own), or holds the fixed ``share``; see the module
+        docstring."""
         if self.mode != "buffer" or len(self.memory) == 0 or n <= 0:
             return None
         seen, fresh = float(self.memory.seen), float(max(int(fresh), 0))
         gen = self.memory.generator
-        if not appended:
+        if self.share is None and not appended:
             share = torch.tensor(seen / (seen + fresh), dtype=torch.float64)
             k = int(torch.binomial(torch.tensor(float(n), dtype=torch.float64), share,
                                    generator=gen))
         else:
-            mean = n * seen / fresh if fresh > 0 else float(n)
+            if fresh == 0:  # nothing of the host's own to mix with yet
+                mean = float(n)
+            elif self.share is None:
+                mean = n * seen / fresh
+            else:
+                mean = n * self.share / (1.0 - self.share) if appended else n * self.share
+            # stochastic rounding: the expected count is exact
             k = int(mean) + int(torch.rand((), generator=gen, dtype=torch.float64)
                                 < mean - int(mean))
         if k == 0:
