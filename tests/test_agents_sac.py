@@ -216,6 +216,19 @@ def test_replay_buffer_reset_at_switch_unless_disabled() -> None:
     assert keep.replay_buffer.pos == STEPS and keep.switch_log[-1]["buffer_reset"] is False
 
 
+def record_batch_tasks(agent: ContinualSAC) -> list[torch.Tensor]:
+    """The task index (one-hot argmax) of every sample of each training batch from now on."""
+    tasks: list[torch.Tensor] = []
+    own = agent.batch_losses
+
+    def spy(batch, *args, **kwargs):
+        tasks.append(batch["obs"][:, -4:].argmax(1))
+        return own(batch, *args, **kwargs)
+
+    agent.batch_losses = spy  # type: ignore[method-assign]
+    return tasks
+
+
 def test_replay_keeps_finished_tasks_in_the_strategy_memory_and_mixes_them_in() -> None:
     """CW's perfect memory: the agent's buffer is reset as usual, the strategy's memory holds
     task 0's transitions, and every training batch of task 1 is a uniform draw over both."""
@@ -228,14 +241,7 @@ def test_replay_keeps_finished_tasks_in_the_strategy_memory_and_mixes_them_in() 
     assert bool((stored["obs"][:, -4:].argmax(1) == 0).all())  # task 0's one-hot
     replay.start_task(1)
     assert replay.replay_buffer.pos == 0 and replay.switch_log[-1]["buffer_reset"] is True
-    tasks: list[torch.Tensor] = []
-    own = replay.batch_losses
-
-    def spy(batch, *args, **kwargs):
-        tasks.append(batch["obs"][:, -4:].argmax(1))
-        return own(batch, *args, **kwargs)
-
-    replay.batch_losses = spy  # type: ignore[method-assign]
+    tasks = record_batch_tasks(replay)
     replay.learn(100, reset_num_timesteps=False)  # 50 exploration steps, then 50 updates
     assert len(tasks) == 50 and all(t.numel() == TINY["batch_size"] for t in tasks)
     old = float(torch.cat(tasks).eq(0).float().mean())
@@ -250,14 +256,7 @@ def test_balanced_replay_gives_the_memory_its_fixed_share_of_every_sac_batch() -
     replay = make_agent(strategy="replay", strategy_options={"mode": "buffer", "share": 0.25})
     train_task(replay, 0)
     replay.start_task(1)
-    tasks: list[torch.Tensor] = []
-    own = replay.batch_losses
-
-    def spy(batch, *args, **kwargs):
-        tasks.append(batch["obs"][:, -4:].argmax(1))
-        return own(batch, *args, **kwargs)
-
-    replay.batch_losses = spy  # type: ignore[method-assign]
+    tasks = record_batch_tasks(replay)
     replay.learn(60, reset_num_timesteps=False)  # 50 exploration steps, then 10 updates
     assert len(tasks) == 10
     assert [int(t.eq(0).sum()) for t in tasks] == [8] * 10
