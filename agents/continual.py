@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import stable_baselines3
@@ -271,6 +271,17 @@ def check_num_tasks(num_tasks: int) -> int:
             f"{num_tasks!r}; pass num_tasks=sequence.num_tasks"
         )
     return num_tasks
+
+
+def check_batch_keys(strategy: Strategy, agent: str, keys: Iterable[str]) -> None:
+    """Refuse a method that reads batch keys the agent's batches lack (EWC's empirical
+    Fisher reads labels; RL batches have none), with the method's own fix."""
+    have = {"obs", *keys}
+    missing = {k: fix for k, fix in strategy.batch_keys_needed().items() if k not in have}
+    if missing:
+        key, fix = next(iter(sorted(missing.items())))
+        raise ValueError(f"{strategy.name} reads batch[{key!r}], which {agent}'s batches do "
+                         f"not have (keys: {', '.join(sorted(have))}); {fix}")
 
 
 def build_strategy(

@@ -120,6 +120,13 @@ def check_agent_options(config: RunConfig) -> None:
             f"unknown option(s) {unknown} for the {config.agent.upper()} agent; valid: "
             f"{', '.join(sorted(accepted))}"
         )
+    if config.agent_options.get("use_sde"):  # refused by the policies, here before any run dir
+        if config.agent == "ppo":
+            raise ConfigError("the continual PPO policies have no gSDE (use_sde: the noise "
+                              "matrix is not per task); drop use_sde")
+        if config.agent_options.get("multi_head", True):
+            raise ConfigError("multi-head SAC has no gSDE (use_sde: the noise matrix is not "
+                              "per task); add --single-head or drop use_sde")
 
 
 def make_agent(config: RunConfig, env: Any, sequence: TaskSequence, *, method: str | None = None,

@@ -39,7 +39,12 @@ from stable_baselines3.common.buffers import DictRolloutBuffer
 from stable_baselines3.common.utils import explained_variance
 from torch import nn
 
-from agents.continual import ContinualAgent, check_num_tasks, check_sb3_version
+from agents.continual import (
+    ContinualAgent,
+    check_batch_keys,
+    check_num_tasks,
+    check_sb3_version,
+)
 from agents.ppo_policy import MultiHeadActorCriticPolicy, MultiHeadMultiInputPolicy
 from crl.strategies import method_members, strategy_class
 from crl.strategies.base import Batch, Strategy
@@ -484,6 +489,7 @@ def on_policy_options(
 def refuse_off_policy(strategy: Strategy) -> None:
     """PPO learns only from its own rollouts and has no exploration phase: a method that
     trains on stored transitions or explores with earlier heads cannot work here."""
+    check_batch_keys(strategy, "PPO", BATCH_KEYS)
     if strategy.explores_with_heads:
         raise ValueError(
             f"{strategy.name} explores each new task with an earlier task's policy head during "

@@ -49,7 +49,7 @@ from torch import nn
 from torch.distributions import Distribution, Independent, Normal
 from torch.nn import functional as F
 
-from agents.continual import ContinualAgent, build_strategy, check_num_tasks
+from agents.continual import ContinualAgent, build_strategy, check_batch_keys, check_num_tasks
 from agents.evaluation import BatchedEvaluator
 from agents.heads import as_task, task_index_from_obs
 from agents.sac_buffer import TaskReplayBuffer, valid_count, valid_slots
@@ -647,6 +647,10 @@ class _HeadPolicy:
                                     deterministic=deterministic, **kwargs)
 
 
+#: the keys of SAC's training and importance batches ("discounts" with n-step returns)
+BATCH_KEYS = frozenset({"obs", "actions", "next_obs", "rewards", "dones"})
+
+
 def check_strategy_fits(strategy: Strategy, reset_buffer: bool, n_steps: int,
                         exploration_steps: int) -> None:
     """A method that keeps the finished tasks' transitions (replay's perfect memory) mixes
@@ -654,6 +658,7 @@ def check_strategy_fits(strategy: Strategy, reset_buffer: bool, n_steps: int,
     A penalty that is the whole SAC loss on stored transitions (rehearsal) would reach only
     the actor: the actor step applies the penalty, and the critic loss within it would also
     push the critic toward the actor's objective with ``regularize_critic``."""
+    check_batch_keys(strategy, "SAC", BATCH_KEYS)
     if strategy.penalty_is_host_loss:
         raise ValueError(
             f"{strategy.name}'s rehearsal adds SAC's loss on stored transitions as a penalty, "

@@ -59,7 +59,8 @@ class MultiHeadActor(Actor):
     ) -> None:
         if kwargs.get("use_sde", False):
             raise ValueError(
-                "multi-head SAC does not support gSDE (use_sde=True); use multi_head=False"
+                "multi-head SAC does not support gSDE (use_sde=True); use multi_head=False "
+                "(--single-head)"
             )
         super().__init__(*args, **kwargs)
         self.num_tasks = num_tasks

@@ -901,28 +901,23 @@ def check_sweep_run(command: str, flat: dict[str, Any]) -> None:
     """Build one sweep run's config the way the command itself would, strategy included, so
     a bad grid point fails before the sweep starts anything (raises with the command's
     own message)."""
-    from crl.strategies import make_strategy
-
     if command == "supervised":
-        from crl.supervised.experiment import JOINT, method_options_for
+        from crl.supervised.experiment import check_method_options as check_supervised
 
         (cfg,) = _build_configs(flat)
         if cfg.data_dir is not None and not Path(cfg.data_dir).is_dir():
             raise ValueError(f"data-dir {cfg.data_dir} is not a folder (it must hold the four "
                              "MNIST IDX files)")
-        if cfg.method != JOINT:
-            make_strategy(cfg.method, **method_options_for(cfg, cfg.tasks or 2))
+        check_supervised(cfg, cfg.tasks or 2)
         return
     from agents.config import resolve_sequence
-    from agents.continual import build_strategy
-    from agents.factory import check_agent_fits, check_agent_options
+    from agents.factory import check_agent_fits, check_agent_options, check_method_options
 
     config = _run_config(flat)
     sequence = resolve_sequence(config)
     check_agent_fits(config, sequence)
     check_agent_options(config)
-    build_strategy(config.method, config.method_options.get(config.method),
-                   sequence.num_tasks, config.seed)
+    check_method_options(config, sequence)  # the same checks `crl train` makes up front
 
 
 @main.command("sweep")

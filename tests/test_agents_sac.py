@@ -467,6 +467,15 @@ def test_perfect_memory_refuses_a_kept_buffer_and_n_step_returns() -> None:
                       method_options={"replay": {"mode": "rehearsal"}})
     with pytest.raises(ConfigError, match="critic would never rehearse"):  # inside a combination
         check_method_options(combo, get_sequence("PendulumVariants"))
+    from agents.continual import check_batch_keys
+    from agents.sac import BATCH_KEYS
+    from crl.strategies import make_strategy
+
+    labels = make_strategy("ewc+redo", ewc={"fisher": "empirical"})
+    with pytest.raises(ValueError, match=r"reads batch\['y'\].*--ewc-target-key"):
+        check_batch_keys(labels, "SAC", BATCH_KEYS)
+    check_batch_keys(make_strategy("ewc+redo", ewc={"fisher": "empirical",
+                                                    "target_key": "actions"}), "SAC", BATCH_KEYS)
 
 
 def test_a_reservoir_checkpoint_of_an_older_version_is_refused() -> None:

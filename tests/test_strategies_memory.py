@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import io
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -554,6 +555,14 @@ def test_buffer_mode_fixed_share_ignores_how_much_each_side_has_seen():
         with pytest.raises(ValueError, match=r"share must be a number in \(0, 1\)"):
             Replay(mode="buffer", share=bad)
     assert "share" in Replay(mode="rehearsal", share=0.5).unused_options()
+    small = make_strategy("replay", mode="buffer", memory_size=3, share=0.5).bind(host)
+    small.on_task_start(0)
+    small.on_task_end(0)
+    with pytest.warns(UserWarning, match="holds 3 samples, fewer than the 8"):
+        assert batch_length(small.replay_batch(16, 32)) == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per run, not per update
+        small.replay_batch(16, 32)
     assert "share" not in Replay(mode="buffer", share=0.5).unused_options()
 
 

@@ -93,8 +93,22 @@ def test_run_level_checks_name_the_runs(tmp_path: Path, tiny_mnist_dir) -> None:
     cfg["base"]["data_dir"] = str(tiny_mnist_dir)
     with pytest.raises(SweepConfigError) as err:
         load_sweep(_write(tmp_path / "s.yaml", cfg), options_for=command_options)
-    assert "runs ewc-split-mnist-ewc_lam=-1-seed0, ewc-split-mnist-ewc_lam=-1-seed1: " \
+    assert "runs ewc-split-mnist-ewc_lam=-1-seed0, ewc-split-mnist-ewc_lam=-1-seed1: ewc: " \
            "lam (regularisation strength) must be a finite number >= 0, got -1.0" in str(err.value)
+    assert "(options given: --ewc-lam)" in str(err.value)  # crl supervised's own message
+
+
+def test_sweep_checks_a_run_the_way_crl_train_does(tmp_path: Path) -> None:
+    """A grid point `crl train` would refuse before its run directory (SAC replay's
+    rehearsal mode) is a problem of the sweep file, not a failed run."""
+    cfg = {"command": "train", "base": {"sequence": "PendulumVariants", "agent": "sac",
+                                        "method": "replay"},
+           "grid": {"replay_mode": ["buffer", "rehearsal"]}, "out": str(tmp_path / "out")}
+    with pytest.raises(SweepConfigError) as err:
+        load_sweep(_write(tmp_path / "s.yaml", cfg), options_for=command_options)
+    msg = str(err.value)
+    assert "1 problem" in msg and "replay_mode=rehearsal" in msg
+    assert "critic would never rehearse" in msg and "replay_mode=buffer" not in msg
 
 
 def test_unknown_sequence_and_agent_option_of_rl_runs(tmp_path: Path) -> None:

@@ -189,6 +189,12 @@ class Strategy:
         read by the hosts when they log; keys are prefixed with ``train/``."""
         return {}
 
+    def batch_keys_needed(self) -> dict[str, str]:
+        """Keys the method reads from the host's batches beyond the model's inputs (EWC's
+        empirical Fisher: the labels), each with what to do where a host's batches lack it:
+        such a host refuses the method before the run."""
+        return {}
+
     def run_summary(self) -> dict[str, Any]:
         """What the run's ``results.json`` keeps of the method's own decisions (JSON
         values; e.g. ClonEx's head per task and the returns it chose by), read once when

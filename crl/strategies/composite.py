@@ -93,6 +93,12 @@ class Composite(Strategy):
             out.update(m.diagnostics())
         return out
 
+    def batch_keys_needed(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for m in self.members:
+            out |= m.batch_keys_needed()
+        return out
+
     def run_summary(self) -> dict[str, Any]:
         return {m.name: summary for m in self.members if (summary := m.run_summary())}
 

@@ -65,6 +65,13 @@ class EWC(AnchoredPenalty):
         self.fishers: list[Tensors] = []
         self.anchors: list[Tensors] = []
 
+    def batch_keys_needed(self) -> dict[str, str]:
+        if self.fisher != "empirical":
+            return {}
+        return {self.target_key: "EWC's empirical Fisher reads its labels there: use "
+                                 "--ewc-fisher true (CW's) or sampled, or name the label key "
+                                 "with --ewc-target-key"}
+
     def terms(self) -> list[Term]:
         return list(zip(self.fishers, self.anchors, strict=True))
 

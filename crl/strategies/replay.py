@@ -35,6 +35,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -89,8 +90,10 @@ class Replay(Strategy):
         if share is not None and (isinstance(share, bool) or not isinstance(share, int | float)
                                   or not 0.0 < share < 1.0):
             raise ValueError(f"share must be a number in (0, 1) (the memory's part of each "
-                             f"batch) or None (uniform over the data seen), got {share!r}")
+                             f"batch), got {share!r}; leave it out for the uniform draw over "
+                             "every sample seen")
         self.share = None if share is None else float(share)
+        self._warned_short = False  # the memory is smaller than the share asks (warned once)
         if (
             not isinstance(lam, int | float)
             or isinstance(lam, bool)
@@ -131,9 +134,10 @@ class Replay(Strategy):
     def unused_options(self) -> dict[str, str]:
         if self.mode != "buffer":
             return {"share": "it sets the memory's part of the training batch in buffer mode "
-                             f"(add --replay-mode buffer), and this is {self.mode} mode"}
+                             f"(SAC's default; --replay-mode buffer in crl supervised; PPO has "
+                             f"none), and this run's replay is in {self.mode} mode"}
         why = ("replay's buffer mode mixes stored samples into the training batch itself "
-               "(its share follows the data seen), with no separate memory batch or weight")
+               "(--replay-share sets their part), with no separate memory batch or weight")
         return {"batch_size": why, "lam": why}
 
     def replay_batch(self, n: int, fresh: int, *, appended: bool = False) -> Batch | None:
@@ -161,6 +165,12 @@ class Replay(Strategy):
                                 < mean - int(mean))
         if k == 0:
             return None
+        if self.share is not None and k > len(self.memory) and not self._warned_short:
+            self._warned_short = True
+            warnings.warn(f"replay's memory holds {len(self.memory)} samples, fewer than the "
+                          f"{k} a batch of {n} takes at share {self.share}: batches get "
+                          f"{len(self.memory)} (each stored sample once); raise "
+                          "--replay-memory-size or lower --replay-share", stacklevel=2)
         return to_device(self.memory.sample(k), self._device())
 
     def _with_old_outputs(self, batch: Batch) -> dict[str, torch.Tensor]:
