@@ -508,6 +508,11 @@ COMBINE_NOTE = ("plasticity interventions (l2init, snp, redo, cbp) combine with 
                 "and with each other: --method ewc+redo (each member takes its own options)")
 
 
+def _flag_text(mo: Any) -> str:
+    """The flag, with the words it accepts where it takes one of a fixed set."""
+    return mo.flag + (f" [{'|'.join(mo.choices)}]" if mo.choices else "")
+
+
 @list_group.command("methods")
 def list_methods() -> None:
     """Methods and their options (CLI flag and default)."""
@@ -527,7 +532,7 @@ def list_methods() -> None:
             if not by_method.get(m):
                 click.echo(f"{m}: no options")
             for mo in by_method.get(m, []):
-                click.echo(f"{m}: --{mo.flag}  supervised: "
+                click.echo(f"{m}: --{_flag_text(mo)}  supervised: "
                            f"{method_default_text(mo, 'supervised')}  train: "
                            f"{method_default_text(mo, 'train')}")
         click.echo(COMBINE_NOTE)
@@ -536,7 +541,7 @@ def list_methods() -> None:
         if not by_method.get(m):
             t.add_row(m, "-", "", "")
         for k, mo in enumerate(by_method.get(m, [])):
-            t.add_row(m if k == 0 else "", f"--{mo.flag}",
+            t.add_row(m if k == 0 else "", escape(f"--{_flag_text(mo)}"),
                       escape(method_default_text(mo, "supervised")),
                       escape(method_default_text(mo, "train")))
     console.print(t)
