@@ -83,8 +83,6 @@ def _show(value: Any) -> str:
 def _show_default(mo: Any, value: Any) -> str:
     if mo.type is list and value is None:
         return "none: equal shares per task"
-    if (mo.method, mo.param) == ("replay", "share") and value is None:
-        return "none: uniform over every sample seen (buffer mode)"
     return _show(value)
 
 

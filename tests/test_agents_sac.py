@@ -253,7 +253,7 @@ def test_replay_keeps_finished_tasks_in_the_strategy_memory_and_mixes_them_in() 
 def test_balanced_replay_gives_the_memory_its_fixed_share_of_every_sac_batch() -> None:
     """``share=0.25``: 8 of every 32 transitions come from task 0's memory, whatever the
     buffer holds (the uniform draw would give 0.60-0.75 here)."""
-    replay = make_agent(strategy="replay", strategy_options={"mode": "buffer", "share": 0.25})
+    replay = make_agent(strategy="replay", strategy_options={"mode": "balanced", "share": 0.25})
     train_task(replay, 0)
     replay.start_task(1)
     tasks = record_batch_tasks(replay)

@@ -83,7 +83,7 @@ def test_list_methods_shows_both_defaults_and_text_values():
     assert "separate" in mode  # not swallowed as rich markup
     replay_mode = next(line for line in out.splitlines() if "--replay-mode" in line)
     assert "PPO distill" in replay_mode
-    assert "--replay-mode [rehearsal|distill|buffer]" in replay_mode  # the words it takes
+    assert "--replay-mode [rehearsal|distill|buffer|balanced]" in replay_mode  # its words
     assert "--ewc-fisher [true|sampled|empirical]" in out
 
 

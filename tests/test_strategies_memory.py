@@ -534,13 +534,13 @@ def test_buffer_mode_share_counts_every_sample_seen_and_appending_hosts():
     assert set(frac) == {7, 8} and abs(np.mean(frac) - 7.2) < 0.03  # 3 * 96 / 40 = 7.2
 
 
-def test_buffer_mode_fixed_share_ignores_how_much_each_side_has_seen():
+def test_balanced_mode_fixed_share_ignores_how_much_each_side_has_seen():
     """Balanced replay (``share``): a drawing host gets n * share stored samples whatever
     S and F are (the uniform draw would give 16 * 96/128 = 12 here); an appending host
     n * share / (1 - share), so the stored part of its combined batch is again ``share``;
     with no own data yet the whole batch is stored samples."""
     host = MLPHost(n=96)
-    rep = make_strategy("replay", mode="buffer", memory_size=24, share=0.25).bind(host)
+    rep = make_strategy("replay", mode="balanced", memory_size=24, share=0.25).bind(host)
     rep.on_task_start(0)
     rep.on_task_end(0)
     assert {batch_length(rep.replay_batch(16, 32)) for _ in range(200)} == {4}  # 16 / 4
@@ -553,9 +553,9 @@ def test_buffer_mode_fixed_share_ignores_how_much_each_side_has_seen():
     assert batch_length(rep.replay_batch(16, 0)) == 16
     for bad in (0.0, 1.0, -0.5, True, "half"):
         with pytest.raises(ValueError, match=r"share must be a number in \(0, 1\)"):
-            Replay(mode="buffer", share=bad)
+            Replay(mode="balanced", share=bad)
     assert "share" in Replay(mode="rehearsal", share=0.5).unused_options()
-    small = make_strategy("replay", mode="buffer", memory_size=3, share=0.5).bind(host)
+    small = make_strategy("replay", mode="balanced", memory_size=3).bind(host)
     small.on_task_start(0)
     small.on_task_end(0)
     with pytest.warns(UserWarning, match="holds 3 samples, fewer than the 8"):
@@ -563,7 +563,8 @@ def test_buffer_mode_fixed_share_ignores_how_much_each_side_has_seen():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once per run, not per update
         small.replay_batch(16, 32)
-    assert "share" not in Replay(mode="buffer", share=0.5).unused_options()
+    assert "share" in Replay(mode="buffer", share=0.5).unused_options()  # uniform there
+    assert set(Replay(mode="balanced").unused_options()) == {"batch_size", "lam"}
 
 
 def test_buffer_mode_needs_a_host_that_keeps_its_data():

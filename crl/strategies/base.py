@@ -98,7 +98,7 @@ class Strategy:
 
     name: str = "finetune"
     #: Constructor options that take one of a fixed set of words: the CLI offers them as
-    #: choices (``--replay-mode [rehearsal|distill|buffer]``) and rejects others up front.
+    #: choices (``--replay-mode [rehearsal|distill|buffer|balanced]``) and rejects others up front.
     option_choices: ClassVar[dict[str, tuple[str, ...]]] = {}
     #: Whether a host with several optimisers (SAC: actor, critic) must compute every
     #: gradient before any step and call ``before_optimizer_step`` once over all of them

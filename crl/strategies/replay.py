@@ -24,12 +24,12 @@
   so that each epoch weighs every sample seen equally. For SAC this is CW's replay buffer
   that spans the whole sequence, with the agent's own buffer holding the running task; the
   memory is the strategy core's reservoir, not agent code. No penalty.
-  ``share`` fixes the memory's part of every batch instead (balanced replay: 0.5 is the
-  equal halves of Chaudhry et al. 2019's experience replay and of CLEAR's 50-50 mix, Rolnick
-  et al. 2019): the uniform draw gives a task that follows long ones a small part of each
-  batch (after 30,000 transitions of earlier tasks, 3% when the new task has 1,000), which
-  on short RL tasks leaves it unlearnt. A drawing host then takes ``n * share`` stored
-  samples (stochastic rounding), an appending host ``n * share / (1 - share)``.
+* ``mode="balanced"`` — the same memory, with a fixed ``share`` of every batch from it
+  (0.5: the equal halves of Chaudhry et al. 2019's experience replay and of CLEAR's 50-50
+  mix, Rolnick et al. 2019): the uniform draw gives a task that follows long ones a small
+  part of each batch (after 30,000 transitions of earlier tasks, 3% when the new task has
+  1,000), which on short RL tasks leaves it unlearnt. A drawing host takes ``n * share``
+  stored samples (stochastic rounding), an appending host ``n * share / (1 - share)``.
 """
 
 from __future__ import annotations
@@ -57,7 +57,9 @@ from crl.strategies.memory import (
     to_device,
 )
 
-MODES = ("rehearsal", "distill", "buffer")
+MODES = ("rehearsal", "distill", "buffer", "balanced")
+#: the modes that keep the finished tasks' data and mix it into the host's batches
+MIXING = ("buffer", "balanced")
 
 
 class Replay(Strategy):
@@ -66,8 +68,8 @@ class Replay(Strategy):
     ``memory_size``: reservoir capacity (samples over all tasks). ``batch_size``: memory
     samples per update. ``task_balanced``: equal memory quota per task instead of a reservoir
     over the whole stream. ``lam``: weight of the replay term (not used by ``buffer``, whose
-    samples join the training batch). ``share``: buffer mode's fixed part of each batch from
-    the memory (None: uniform over every sample seen, CW's perfect memory).
+    samples join the training batch). ``share``: balanced mode's part of each batch from the
+    memory.
     """
 
     name = "replay"
@@ -81,18 +83,18 @@ class Replay(Strategy):
         task_balanced: bool = False,
         mode: str = "rehearsal",
         lam: float = 1.0,
-        share: float | None = None,
+        share: float = 0.5,
         seed: int = 0,
     ) -> None:
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"unknown replay mode {mode!r}; choose one of: {', '.join(MODES)}")
-        if share is not None and (isinstance(share, bool) or not isinstance(share, int | float)
-                                  or not 0.0 < share < 1.0):
+        if (isinstance(share, bool) or not isinstance(share, int | float)
+                or not 0.0 < share < 1.0):
             raise ValueError(f"share must be a number in (0, 1) (the memory's part of each "
-                             f"batch), got {share!r}; leave it out for the uniform draw over "
-                             "every sample seen")
-        self.share = None if share is None else float(share)
+                             f"batch), got {share!r}; --replay-mode buffer draws uniformly "
+                             "over every sample seen instead")
+        self.share = float(share)
         self._warned_short = False  # the memory is smaller than the share asks (warned once)
         if (
             not isinstance(lam, int | float)
@@ -109,7 +111,7 @@ class Replay(Strategy):
         self.dist_kind: str | None = None
         self.dist_ndims = 0
         self.learns_from_stored_transitions = mode != "distill"
-        self.keeps_experience = mode == "buffer"
+        self.keeps_experience = mode in MIXING
         self.penalty_is_host_loss = mode == "rehearsal"
 
     @property
@@ -132,31 +134,33 @@ class Replay(Strategy):
         super().on_task_end(task)
 
     def unused_options(self) -> dict[str, str]:
-        if self.mode != "buffer":
-            return {"share": "it sets the memory's part of the training batch in buffer mode "
-                             f"(SAC's default; --replay-mode buffer in crl supervised; PPO has "
-                             f"none), and this run's replay is in {self.mode} mode"}
-        why = ("replay's buffer mode mixes stored samples into the training batch itself "
-               "(--replay-share sets their part), with no separate memory batch or weight")
-        return {"batch_size": why, "lam": why}
+        share = {"share": "it sets the memory's part of the training batch in balanced mode "
+                          "(--replay-mode balanced; PPO has none), and this run's replay is "
+                          f"in {self.mode} mode"}
+        if self.mode not in MIXING:
+            return share
+        why = (f"replay's {self.mode} mode mixes stored samples into the training batch "
+               "itself, with no separate memory batch or weight")
+        return {"batch_size": why, "lam": why} | (share if self.mode == "buffer" else {})
 
     def replay_batch(self, n: int, fresh: int, *, appended: bool = False) -> Batch | None:
         """Buffer mode: stored samples such that the mixed batch is a uniform draw over
         every sample seen (the memory's stream, of which the stored ones are a uniform
-        sample, and the host's ``fresh`` own), or holds the fixed ``share``; see the module
-        docstring."""
-        if self.mode != "buffer" or len(self.memory) == 0 or n <= 0:
+        sample, and the host's ``fresh`` own), or (balanced) holds the fixed ``share``; see
+        the module docstring."""
+        if self.mode not in MIXING or len(self.memory) == 0 or n <= 0:
             return None
         seen, fresh = float(self.memory.seen), float(max(int(fresh), 0))
         gen = self.memory.generator
-        if self.share is None and not appended:
+        uniform = self.mode == "buffer"
+        if uniform and not appended:
             share = torch.tensor(seen / (seen + fresh), dtype=torch.float64)
             k = int(torch.binomial(torch.tensor(float(n), dtype=torch.float64), share,
                                    generator=gen))
         else:
             if fresh == 0:  # nothing of the host's own to mix with yet
                 mean = float(n)
-            elif self.share is None:
+            elif uniform:
                 mean = n * seen / fresh
             else:
                 mean = n * self.share / (1.0 - self.share) if appended else n * self.share
@@ -165,7 +169,7 @@ class Replay(Strategy):
                                 < mean - int(mean))
         if k == 0:
             return None
-        if self.share is not None and k > len(self.memory) and not self._warned_short:
+        if not uniform and k > len(self.memory) and not self._warned_short:
             self._warned_short = True
             warnings.warn(f"replay's memory holds {len(self.memory)} samples, fewer than the "
                           f"{k} a batch of {n} takes at share {self.share}: batches get "
@@ -188,7 +192,7 @@ class Replay(Strategy):
 
     def penalty(self, batch: Batch | None = None,
                 outputs: Distribution | None = None) -> torch.Tensor | None:
-        if self.mode == "buffer" or len(self.memory) == 0:
+        if self.mode in MIXING or len(self.memory) == 0:
             return None
         host = self._host()
         sample = to_device(self.memory.sample(self.batch_size), self._device())
