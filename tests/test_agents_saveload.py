@@ -53,12 +53,16 @@ def _ppo(method: str) -> tuple[ContinualPPO, ContinualEnv, int]:
     return agent, env, 128
 
 
+#: SAC's replay as crl train builds it (SAC refuses the constructor's rehearsal mode)
+SAC_OPTIONS = {"ewc": {"lam": 100.0}, "replay": {"mode": "balanced"}}
+
+
 def _sac(method: str) -> tuple[ContinualSAC, ContinualEnv, int]:
     env = ContinualEnv(get_sequence("PendulumVariants", steps_per_task=80), append_task_id=True)
     agent = ContinualSAC("MlpPolicy", env, strategy=method, num_tasks=4, exploration_steps=40,
                          batch_size=16, buffer_size=500, seed=0,
                          policy_kwargs={"net_arch": [16]},
-                         strategy_options={"lam": 100.0} if method == "ewc" else None)
+                         strategy_options=SAC_OPTIONS.get(method))
     return agent, env, 80
 
 

@@ -407,13 +407,16 @@ def test_options_the_method_would_ignore_are_refused():
     from envs.registry import get_sequence
 
     seq = get_sequence("PendulumVariants")
-    # SAC's replay default is the perfect memory: no memory batch, no weight
+    # SAC's replay default mixes the memory into the batch: no memory batch, no weight
     sac = RunConfig(sequence="PendulumVariants", agent="sac", method="replay",
                     method_options={"replay": {"batch_size": 32, "lam": 2.0}})
     with pytest.raises(ConfigError, match=r"--replay-batch-size, --replay-lam would do nothing"):
         check_method_options(sac, seq)
-    sac.method_options["replay"]["mode"] = "rehearsal"  # there both are used
+    sac.method_options["replay"] = {"share": 0.5}  # balanced mode reads it
     check_method_options(sac, seq)
+    sac.method_options["replay"]["mode"] = "buffer"  # the uniform draw does not
+    with pytest.raises(ConfigError, match=r"--replay-share would do nothing.*balanced mode"):
+        check_method_options(sac, seq)
     combo = RunConfig(sequence="PendulumVariants", agent="sac", method="ewc+bc",
                       method_options={"bc": {"clonex_episodes": 3}})
     with pytest.raises(ConfigError, match="--bc-clonex-episodes would do nothing.*--bc-clonex"):
@@ -424,3 +427,5 @@ def test_options_the_method_would_ignore_are_refused():
                                   method_options={"replay": {"mode": "buffer", "lam": 0.5}})
     with pytest.raises(ValueError, match="--replay-lam would do nothing"):
         check_supervised(supervised, 5)
+    supervised.method_options["replay"] = {"batch_size": 32, "lam": 0.5}  # rehearsal uses both
+    check_supervised(supervised, 5)
