@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import inspect
 import json
 import math
@@ -338,9 +339,30 @@ def _config_defaults(kind: str) -> dict[str, str]:
     return _flatten(dataclasses.asdict(SupervisedConfig()))
 
 
+@functools.cache
+def _agent_option_defaults(agent: str) -> dict[str, str]:
+    """The agent class's own keyword defaults as flattened ``agent_options.<name>`` keys: a
+    run whose config leaves ``multi_head`` out ran with the agent's default, not another
+    setting."""
+    from agents.factory import agent_class
+
+    try:
+        cls = agent_class(agent)
+    except ValueError:
+        return {}
+    params = inspect.signature(cls.__init__).parameters
+    return {f"agent_options.{k}": json.dumps(p.default, sort_keys=True, default=str)
+            for k, p in params.items()
+            if isinstance(p.default, bool | int | float | str) or p.default is None}
+
+
 def flat_config(run: RunData) -> dict[str, str]:
-    """The run's config as comparable strings, absent fields at their defaults."""
-    return _config_defaults(run.kind) | _flatten(run.config)
+    """The run's config as comparable strings, absent fields at their defaults (an RL run's
+    absent agent options at its agent's)."""
+    defaults = _config_defaults(run.kind)
+    if run.kind == RL and (agent := run.config.get("agent")):
+        defaults |= _agent_option_defaults(str(agent))
+    return defaults | _flatten(run.config)
 
 
 def _group_notes(runs: Sequence[RunData], specs: Sequence[MetricSpec]) -> list[str]:

@@ -281,6 +281,21 @@ def test_a_field_older_runs_lack_counts_as_its_default(tmp_path: Path) -> None:
         ("ewc [plasticity=False]", [2]), ("ewc [plasticity=True]", [0, 1])]
 
 
+def test_an_agent_option_a_run_leaves_out_counts_as_the_agents_default(tmp_path: Path) -> None:
+    """A run whose config leaves ``multi_head`` out ran multi-head (the agent's default): it
+    groups with runs that say ``multi_head: true``, not with single-head ones."""
+    root = tmp_path / "r"
+    for name, seed, multi in (("bare", 0, None), ("said", 1, True), ("single", 2, False)):
+        d = write_rl_run(root, name, method="ewc", seed=seed, perf=0.5, forgetting=0.1, ft=0.0)
+        if multi is not None:
+            c = yaml.safe_load((d / "config.yaml").read_text())
+            c.setdefault("agent_options", {})["multi_head"] = multi
+            (d / "config.yaml").write_text(yaml.safe_dump(c))
+    res = report([root], tmp_path / "out", console=quiet(), plots=False)
+    assert sorted((r.method, sorted(r.seeds)) for r in res.rows) == [
+        ("ewc [multi_head=False]", [2]), ("ewc [multi_head=True]", [0, 1])]
+
+
 def test_supervised_matrices_are_averaged_over_seeds(tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     root = tmp_path / "sl"
