@@ -74,14 +74,13 @@ def check_method_options(config: RunConfig, sequence: TaskSequence) -> None:
             built = build_strategy(config.method, options, sequence.num_tasks, config.seed)
             refuse_off_policy(built)
         else:
-            from agents.sac import ContinualSAC, check_strategy_fits
+            from agents.sac import check_strategy_fits
 
             built = build_strategy(config.method, options, sequence.num_tasks, config.seed)
-            explore = inspect.signature(ContinualSAC.__init__).parameters["exploration_steps"]
+            explore = agent_keywords("sac")["exploration_steps"].default
             check_strategy_fits(built, bool(config.agent_options.get("reset_buffer", True)),
                                 int(config.agent_options.get("n_steps", 1)),
-                                int(config.agent_options.get("exploration_steps",
-                                                             explore.default)))
+                                int(config.agent_options.get("exploration_steps", explore)))
         check_used_options(built, config.method_options)
     except (ValueError, TypeError) as exc:
         given = [(config.method, k) for k in config.method_options.get(config.method) or {}]
@@ -104,16 +103,22 @@ def agent_class(name: str) -> type:
     raise ConfigError(f"unknown agent {name!r}; choose one of: {', '.join(AGENTS)}")
 
 
+def agent_keywords(agent: str) -> dict[str, inspect.Parameter]:
+    """The keyword options of an agent: its class's and its SB3 parents' ``__init__``
+    parameters (the nearest class's definition, whose default the agent gets)."""
+    out: dict[str, inspect.Parameter] = {}
+    for base in agent_class(agent).__mro__:
+        if "__init__" in base.__dict__:
+            for name, param in inspect.signature(base.__init__).parameters.items():
+                out.setdefault(name, param)
+    for name in ("self", "policy", "env", "kwargs", "args", "sb3_kwargs"):
+        out.pop(name, None)
+    return out
+
+
 def check_agent_options(config: RunConfig) -> None:
     """Every agent option must be a keyword of the agent class or of its SB3 parents."""
-    import inspect
-
-    cls = agent_class(config.agent)
-    accepted: set[str] = set()
-    for base in cls.__mro__:
-        if "__init__" in base.__dict__:
-            accepted |= set(inspect.signature(base.__init__).parameters)
-    accepted -= {"self", "policy", "env", "kwargs", "args", "sb3_kwargs"}
+    accepted = set(agent_keywords(config.agent))
     unknown = sorted(set(config.agent_options) - accepted - {"policy_kwargs"})
     if unknown:
         raise ConfigError(
@@ -127,6 +132,14 @@ def check_agent_options(config: RunConfig) -> None:
         if config.agent_options.get("multi_head", True):
             raise ConfigError("multi-head SAC has no gSDE (use_sde: the noise matrix is not "
                               "per task); add --single-head or drop use_sde")
+
+
+def check_run_config(config: RunConfig, sequence: TaskSequence) -> None:
+    """Every check a `crl train` run makes before its run directory exists (its sweep's
+    file check runs the same)."""
+    check_agent_fits(config, sequence)
+    check_agent_options(config)
+    check_method_options(config, sequence)
 
 
 def make_agent(config: RunConfig, env: Any, sequence: TaskSequence, *, method: str | None = None,

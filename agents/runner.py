@@ -55,7 +55,7 @@ from agents.evaluation import (
     ScoreNormalizer,
     build_normalizer,
 )
-from agents.factory import check_agent_fits, check_agent_options, check_method_options, make_agent
+from agents.factory import check_run_config, make_agent
 from agents.method_defaults import rl_method_options
 from agents.results import RunResult, metric_rows, save_model_files
 from agents.training import (
@@ -134,9 +134,7 @@ def _plan(config: RunConfig, bounds: Mapping[str, Any] | None = None) -> _Plan:
     from agents.reference import load_references
 
     sequence = resolve_sequence(config)
-    check_agent_fits(config, sequence)
-    check_agent_options(config)  # fail on bad agent options before any work
-    check_method_options(config, sequence)
+    check_run_config(config, sequence)  # fail on bad options before any work
     refs, missing_refs = load_references(config, sequence, required=config.require_references)
     if bounds is not None:
         normalizer = _normalizer_from(bounds, sequence, reference_command(config))

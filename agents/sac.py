@@ -663,8 +663,9 @@ def check_strategy_fits(strategy: Strategy, reset_buffer: bool, n_steps: int,
         raise ValueError(
             f"{strategy.name}'s rehearsal adds SAC's loss on stored transitions as a penalty, "
             "which SAC's actor step alone would apply (the critic would never rehearse); "
-            "use --replay-mode buffer, whose stored transitions join the batch that critic "
-            "and actor train on (--replay-mode balanced: a fixed half of each batch)"
+            "use --replay-mode balanced (SAC's default: a fixed share of each batch) or "
+            "--replay-mode buffer (uniform over everything seen), whose stored transitions "
+            "join the batch that critic and actor train on"
         )
     if strategy.explores_with_heads and exploration_steps == 0:
         raise ValueError(

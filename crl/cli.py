@@ -914,13 +914,10 @@ def check_sweep_run(command: str, flat: dict[str, Any]) -> None:
         check_supervised(cfg, cfg.tasks or 2)
         return
     from agents.config import resolve_sequence
-    from agents.factory import check_agent_fits, check_agent_options, check_method_options
+    from agents.factory import check_run_config
 
     config = _run_config(flat)
-    sequence = resolve_sequence(config)
-    check_agent_fits(config, sequence)
-    check_agent_options(config)
-    check_method_options(config, sequence)  # the same checks `crl train` makes up front
+    check_run_config(config, resolve_sequence(config))  # `crl train`'s own checks
 
 
 @main.command("sweep")

@@ -344,13 +344,12 @@ def _agent_option_defaults(agent: str) -> dict[str, str]:
     """The agent class's own keyword defaults as flattened ``agent_options.<name>`` keys: a
     run whose config leaves ``multi_head`` out ran with the agent's default, not another
     setting."""
-    from agents.factory import agent_class
+    from agents.factory import agent_keywords
 
     try:
-        cls = agent_class(agent)
+        params = agent_keywords(agent)
     except ValueError:
         return {}
-    params = inspect.signature(cls.__init__).parameters
     return {f"agent_options.{k}": json.dumps(p.default, sort_keys=True, default=str)
             for k, p in params.items()
             if isinstance(p.default, bool | int | float | str) or p.default is None}

@@ -67,9 +67,9 @@ class Replay(Strategy):
 
     ``memory_size``: reservoir capacity (samples over all tasks). ``batch_size``: memory
     samples per update. ``task_balanced``: equal memory quota per task instead of a reservoir
-    over the whole stream. ``lam``: weight of the replay term (not used by ``buffer``, whose
-    samples join the training batch). ``share``: balanced mode's part of each batch from the
-    memory.
+    over the whole stream. ``lam``: weight of the replay term (not used by ``buffer`` and
+    ``balanced``, whose samples join the training batch). ``share``: balanced mode's part
+    of each batch from the memory.
     """
 
     name = "replay"
