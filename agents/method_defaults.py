@@ -32,17 +32,20 @@ Penalty convention everywhere: ``lam * sum_i w_i (theta_i - theta*_i)^2`` with n
   we do not; our Gaussian MAS output norm is ||mu||^2 + ||sigma||^2 where CW's is
   ||mu||^2 + ||log sigma||^2 (MAS's 1e4 is also the grid's best here).
 - SAC single head (``--single-head``; ``scripts/sweeps/mujocomix-sac-single-head-
-  calibration.yaml``, 3 seeds, P(T) / new-task gain): L2 0.1 0.22 / 0.51, 1 0.18 / 0.30, 10
-  0.36 / 0.22, 100 0.42 / 0.18, 1e3 0.37 / 0.01 (1 seed), 1e4 0.33 / 0.00 (1 seed), 1e5 0.33
-  / 0.00 (5 seeds): 100 chosen. From 10 up no seed learns Pendulum (gain <= 0.03), and 2 of
-  the 6 seeds of 10 and 100 still forget InvertedPendulum (0.55-0.63); at 1 and below
-  InvertedPendulum is forgotten (0.55-1.0). No strength keeps both: L2's single-head gain at
-  the chosen 100 is a third of finetune's (0.54); the one strength whose gain reaches half
-  of it (1: 0.30) ends below finetune's P(T) (0.21). EWC and MAS keep their multi-head
-  strengths: at them single-head forgetting is 0.32 and 0.54 (finetune 0.72) with gains 0.47
-  and 0.49; their seed-0 grids (EWC 10 / 100 / 1e3 / 1e4: P 0.32 / 0.30 / 0.19 / 0.14; MAS
-  100 / 1e3 / 1e4 / 1e5 / 1e6: 0.21 / 0.29 / 0.13 / 0.13 / 0.36) vary more between seeds
-  than between strengths (EWC 1e3 over 5 seeds: 0.19 to 0.57).
+  calibration.yaml``, 3 seeds, P(T) / forgetting / new-task gain): L2 0.1 0.22 / 0.71 /
+  0.51, 1 0.18 / 0.43 / 0.30, 3 0.44 / 0.17 / 0.32, 10 0.36 / 0.11 / 0.22, 100 0.42 / 0.09
+  / 0.18, 1e3 0.37 / 0.00 / 0.01 (1 seed), 1e4 0.33 / 0.00 / 0.00 (1 seed), 1e5 0.33 /
+  -0.05 / 0.00 (5 seeds): 3 chosen (by P(T), as everywhere; finetune 0.21 / 0.72 / 0.54).
+  From 10 up no seed learns Pendulum (gain <= 0.03); at 1 and below InvertedPendulum is
+  forgotten (0.55-1.0); at 3 one seed of three forgets it (0.81) and every seed learns
+  Reacher (0.51-0.64). Replay (balanced) share 0.25, the multi-head choice: 0.46 / 0.24 /
+  0.42 (seeds 0-2 of the report); share 0.5: 0.55 / -0.03 / 0.34: 0.5 chosen (with one
+  head the old tasks need more of each batch: the shared output layer is what the new
+  task moves). EWC and MAS keep their multi-head strengths: at them single-head
+  forgetting is 0.32 and 0.54 (finetune 0.72) with gains 0.47 and 0.49; their seed-0 grids
+  (EWC 10 / 100 / 1e3 / 1e4: P 0.32 / 0.30 / 0.19 / 0.14; MAS 100 / 1e3 / 1e4 / 1e5 / 1e6:
+  0.21 / 0.29 / 0.13 / 0.13 / 0.36) vary more between seeds than between strengths (EWC
+  1e3 over 5 seeds: 0.19 to 0.57).
 - PPO: calibrated on ClassicMix (Acrobot, CartPole, swapped CartPole; multi-head, crl
   train's default; 3 seeds; ``scripts/sweeps/classicmix-ppo-calibration.yaml``), picked by
   final average performance P(T) as Continual World did; on a tie, the existing default if
@@ -96,7 +99,7 @@ RL_METHOD_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
 #: included, so a strength calibrated with per-task heads can freeze it.
 RL_SINGLE_HEAD_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
     "ppo": {},
-    "sac": {"l2": {"lam": 100.0}},
+    "sac": {"l2": {"lam": 3.0}, "replay": {"share": 0.5}},
 }
 
 
