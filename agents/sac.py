@@ -146,6 +146,14 @@ class SACHost:
             normal = Normal(mean, log_std.exp(), validate_args=False)
         return Independent(normal, 1, validate_args=False)
 
+    def distribution_values(self, actions: torch.Tensor) -> torch.Tensor:
+        """Stored (tanh-squashed) actions in :meth:`output_distribution`'s space: atanh, as
+        SB3's TanhBijector inverts them. EWC's empirical Fisher scores them there; the
+        squash's log-Jacobian does not depend on the weights, so the gradients are the
+        squashed policy's."""
+        eps = torch.finfo(actions.dtype).eps
+        return torch.atanh(actions.clamp(-1.0 + eps, 1.0 - eps))
+
     def loss(self, batch: Batch) -> torch.Tensor:
         losses = self.agent.batch_losses(batch)
         assert losses.actor_loss is not None

@@ -146,7 +146,7 @@ def test_sac_actor_matches_per_sample_jacobians(multi_head, monkeypatch):
     host.importance_batches = lambda: iter(batches)
     if not multi_head:
         assert {"actor.mu.weight", "actor.log_std.weight"} <= set(host.protected_parameters())
-    # empirical: the stored (squashed) actions under the pre-squash Gaussian, as EWC would
+    # empirical: the stored (squashed) actions, atanh-ed into the pre-squash Gaussian, as EWC would
     check_against_jacobians(host, monkeypatch)
 
 
@@ -354,3 +354,29 @@ def test_targets_of_the_wrong_size_are_refused():
     column = fisher_diagonal(host, "empirical")
     host.batches = [{"x": host.batches[0]["x"], "y": torch.tensor([0, 1, 1, 0])}]
     assert_same(column, fisher_diagonal(host, "empirical"))
+
+
+def test_sac_empirical_fisher_scores_the_squashed_actions_before_the_squash():
+    """SAC's stored actions are tanh-squashed; its output distribution is the pre-squash
+    Gaussian. The empirical Fisher must score atanh(a) there (log pi(a) = log N(atanh a) -
+    log|J|, and J does not depend on the weights): checked against a per-sample autograd loop."""
+    agent = _sac_agent(multi_head=False)
+    host = agent.host
+    batch = dict(next(iter(agent.task_batches())))
+    batch["y"] = batch["actions"]
+    assert batch["y"].abs().max() > 0.5  # far enough from 0 that atanh(a) != a matters
+    fisher = fisher_diagonal(host, "empirical", batches=[batch], target_key="y")
+    params = host.protected_parameters()
+    expected = {n: torch.zeros_like(p) for n, p in params.items()}
+    n = batch["obs"].shape[0]
+    for i in range(n):
+        one = {k: v[i:i + 1] for k, v in batch.items()}
+        dist = host.output_distribution(one)
+        u = torch.atanh(one["y"].clamp(-1 + 1e-6, 1 - 1e-6))
+        grads = torch.autograd.grad(dist.log_prob(u).sum(), list(params.values()),
+                                    allow_unused=True)
+        for (name, _), g in zip(params.items(), grads, strict=True):
+            if g is not None:
+                expected[name] += g.square() / n
+    for name in params:
+        torch.testing.assert_close(fisher[name], expected[name], rtol=1e-3, atol=1e-7)

@@ -35,6 +35,10 @@ class Host(Protocol):
     ``module`` owns every protected parameter; the names returned by
     :meth:`protected_parameters` are its ``named_parameters()`` names, which lets strategies
     call the host functionally (``torch.func``) for per-sample gradients.
+
+    Optional: ``distribution_values(values)`` maps stored targets (labels, actions) into
+    :meth:`output_distribution`'s value space where the host transforms its outputs (SAC's
+    tanh squash); EWC's empirical Fisher applies it to its labels.
     """
 
     module: nn.Module

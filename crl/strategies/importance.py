@@ -515,14 +515,18 @@ def _sampler(host: Host, seed: int) -> ExtraFn:
     return draw
 
 
-def _targets(key: str) -> ExtraFn:
+def _targets(key: str, host: Host) -> ExtraFn:
+    """The labels, mapped into the output distribution's value space where the host's
+    outputs are transformed (SAC: tanh-squashed actions under its pre-squash Gaussian)."""
+    to_values = getattr(host, "distribution_values", None)
+
     def take(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if key not in batch:
             raise KeyError(
                 f"fisher='empirical' needs the data labels under batch[{key!r}], but the "
                 f"batch has keys {sorted(batch)}; pass target_key=<label key>"
             )
-        return batch[key]
+        return batch[key] if to_values is None else to_values(batch[key])
 
     return take
 
@@ -547,7 +551,7 @@ def fisher_diagonal(
     if fisher == "sampled":
         extra_fn = _sampler(host, seed)
     elif fisher == "empirical":
-        extra_fn = _targets(target_key)
+        extra_fn = _targets(target_key, host)
     return accumulate_importance(
         host,
         scalars,
