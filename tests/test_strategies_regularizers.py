@@ -616,3 +616,18 @@ def test_no_warnings_on_the_vmap_path():
         warnings.simplefilter("error")
         fisher_diagonal(host)
         mas_importance(host)
+
+
+def test_every_bad_word_of_a_method_is_named_at_once():
+    """A YAML with two misspelt words for one method names both (the constructor alone
+    stops at the first); one bad word keeps the constructor's own message."""
+    from crl.strategies import make_strategy
+
+    with pytest.raises(ValueError) as err:
+        make_strategy("ewc", mode="onlin", fisher="emprical")
+    assert "unknown mode 'onlin' (choose one of: separate, online)" in str(err.value)
+    assert "unknown fisher 'emprical' (choose one of: true, sampled, empirical)" in str(err.value)
+    with pytest.raises(ValueError, match="onlin") as one:
+        make_strategy("ewc", mode="onlin", fisher="true")
+    assert "emprical" not in str(one.value)
+    make_strategy("ewc", mode="online", fisher="empirical")  # the right words build
