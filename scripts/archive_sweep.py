@@ -20,6 +20,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("sweep_dir", type=Path)
     p.add_argument("--dest", type=Path, default=ROOT / "scripts" / "results")
+    p.add_argument("--plots", default=None, metavar="GLOB",
+                   help="also keep the report's plots matching GLOB (e.g. '*plasticity*.png')")
     a = p.parse_args()
     src = a.sweep_dir.resolve()
     if not (src / "sweep.yaml").is_file():
@@ -37,9 +39,11 @@ def main() -> None:
             if (run / name).is_file():
                 shutil.copy2(run / name, out / name)
         kept += 1
-    for name in ("report.md", "report.csv"):
+    for name in ("report.md", "report.csv", "checks.json", "plasticity_summary.md"):
         if (src / "report" / name).is_file():
             shutil.copy2(src / "report" / name, dest / name)
+    for plot in sorted((src / "report").glob(a.plots)) if a.plots else []:
+        shutil.copy2(plot, dest / plot.name)
     print(f"{kept} finished runs and the report of {src.name} kept in {dest}")
 
 
