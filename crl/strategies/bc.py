@@ -8,6 +8,12 @@ on the distillation core of :mod:`crl.strategies.distill`) with ClonEx's memory:
 share per finished task. For SAC the distribution is the actor's pre-squash Gaussian, as in
 ClonEx-SAC; for PPO the categorical or Gaussian policy (PPO's ``replay`` is the same code).
 
+λ = 1 for both agents is ClonEx-SAC's ``policy_reg_coef`` default, not calibrated here
+(``scripts/sweeps/mujocomix-sac-bc-calibration.yaml`` holds the grid). ClonEx averages
+KL(current ‖ stored) over action dimensions; the distillation core sums KL(stored ‖
+current) over them (the KL of the joint distribution, the direction every distilling
+method here uses), so on an A-dimensional action space λ = 1 weighs A times ClonEx's.
+
 ``clonex=True`` adds ClonEx's exploration (the paper's "best return" choice): when a task
 starts, every finished task's policy head acts on the new task for ``clonex_episodes``
 episodes (deterministic actions, the same episode seeds for every head), and the head with
