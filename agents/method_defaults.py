@@ -35,11 +35,13 @@ Penalty convention everywhere: ``lam * sum_i w_i (theta_i - theta*_i)^2`` with n
   calibration.yaml``, 3 seeds, P(T) / forgetting / new-task gain): L2 0.1 0.22 / 0.71 /
   0.51, 1 0.18 / 0.43 / 0.30, 3 0.44 / 0.17 / 0.32, 10 0.36 / 0.11 / 0.22, 100 0.42 / 0.09
   / 0.18, 1e3 0.37 / 0.00 / 0.01 (1 seed), 1e4 0.33 / 0.00 / 0.00 (1 seed), 1e5 0.33 /
-  -0.05 / 0.00 (5 seeds): 3 chosen (by P(T), as everywhere; finetune 0.21 / 0.72 / 0.54).
+  -0.05 / 0.00 (5 seeds; ``scripts/results/mujocomix-sac-superseded/``): 3 chosen (by
+  P(T), as everywhere; finetune 0.21 / 0.72 / 0.54).
   From 10 up no seed learns Pendulum (gain <= 0.03); at 1 and below InvertedPendulum is
   forgotten (0.55-1.0); at 3 one seed of three forgets it (0.81) and every seed learns
   Reacher (0.51-0.64). Replay (balanced) share 0.25, the multi-head choice: 0.46 / 0.24 /
-  0.42 (seeds 0-2 of the report); share 0.5: 0.55 / -0.03 / 0.34: 0.5 chosen (with one
+  0.42 (seeds 0-2 of the report's earlier runs, in ``scripts/results/mujocomix-sac-
+  superseded/``); share 0.5: 0.55 / -0.03 / 0.34: 0.5 chosen (with one
   head the old tasks need more of each batch: the shared output layer is what the new
   task moves). EWC and MAS keep their multi-head strengths: at them single-head
   forgetting is 0.32 and 0.54 (finetune 0.72) with gains 0.47 and 0.49; their seed-0 grids

@@ -42,9 +42,16 @@ def main() -> None:
     for name in ("report.md", "report.csv", "checks.json", "plasticity_summary.md"):
         if (src / "report" / name).is_file():
             shutil.copy2(src / "report" / name, dest / name)
-    for plot in sorted((src / "report").glob(a.plots)) if a.plots else []:
+    plots = sorted(p for p in (src / "report").glob(a.plots) if p.is_file()) if a.plots else []
+    if a.plots and not plots:
+        raise SystemExit(f"no plot in {src / 'report'} matches {a.plots!r}; the runs and the "
+                         "report were kept")
+    if len({p.name for p in plots}) < len(plots):
+        raise SystemExit(f"{a.plots!r} matches plots of the same name in different folders; "
+                         "give a pattern without '**'")
+    for plot in plots:
         shutil.copy2(plot, dest / plot.name)
-    print(f"{kept} finished runs and the report of {src.name} kept in {dest}")
+    print(f"{kept} finished runs, the report of {src.name} and {len(plots)} plots kept in {dest}")
 
 
 if __name__ == "__main__":

@@ -128,7 +128,11 @@ def main() -> int:
                    help="only summarise and check an existing sweep (its report/)")
     a = p.parse_args()
     if a.check_only is not None:
-        finish(a.check_only, a.check_only / "report")
+        report_dir = a.check_only / "report"
+        if not (report_dir / "report.csv").is_file():
+            raise SystemExit(f"{a.check_only} has no report ({report_dir / 'report.csv'}); "
+                             f"make it with: crl report {a.check_only} --out {report_dir}")
+        finish(a.check_only, report_dir)
         return 0
     sys.path.insert(0, str(ROOT))
     from crl.cli import command_options

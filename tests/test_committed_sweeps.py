@@ -43,13 +43,15 @@ def test_committed_sweep_file_passes_the_sweep_check(path: Path, monkeypatch) ->
 
 
 def test_the_check_catches_a_bad_committed_value(tmp_path: Path, monkeypatch) -> None:
-    """The check above is not vacuous: a committed file with one misspelt method fails."""
+    """The check above is not vacuous: a committed file whose options are all valid but
+    whose runs cannot be built (SAC on ClassicMix's discrete actions) fails it, through the
+    per-run check that `crl train` itself makes."""
     from crl.sweep import SweepConfigError
 
     monkeypatch.chdir(ROOT)
-    data = yaml.safe_load((ROOT / "scripts/sweeps/mujocomix-sac-bc-calibration.yaml").read_text())
-    data["base"]["method"] = "bcc"
+    data = yaml.safe_load((ROOT / "scripts/sweeps/classicmix-ppo-report.yaml").read_text())
+    data["base"]["agent"] = "sac"
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(data))
-    with pytest.raises(SweepConfigError, match="bcc"):
+    with pytest.raises(SweepConfigError, match="continuous"):
         load_sweep(bad, options_for=command_options)

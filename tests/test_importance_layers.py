@@ -372,7 +372,8 @@ def test_sac_empirical_fisher_scores_the_squashed_actions_before_the_squash():
     for i in range(n):
         one = {k: v[i:i + 1] for k, v in batch.items()}
         dist = host.output_distribution(one)
-        u = torch.atanh(one["y"].clamp(-1 + 1e-6, 1 - 1e-6))
+        eps = torch.finfo(one["y"].dtype).eps  # SB3's TanhBijector.inverse clamps there
+        u = torch.atanh(one["y"].clamp(-1 + eps, 1 - eps))
         grads = torch.autograd.grad(dist.log_prob(u).sum(), list(params.values()),
                                     allow_unused=True)
         for (name, _), g in zip(params.items(), grads, strict=True):

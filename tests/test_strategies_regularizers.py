@@ -625,8 +625,9 @@ def test_every_bad_word_of_a_method_is_named_at_once():
 
     with pytest.raises(ValueError) as err:
         make_strategy("ewc", mode="onlin", fisher="emprical")
-    assert "unknown mode 'onlin' (choose one of: separate, online)" in str(err.value)
-    assert "unknown fisher 'emprical' (choose one of: true, sampled, empirical)" in str(err.value)
+    assert "unknown ewc mode 'onlin' (choose one of: separate, online)" in str(err.value)
+    assert ("unknown ewc fisher 'emprical' (choose one of: true, sampled, empirical)"
+            in str(err.value))
     with pytest.raises(ValueError, match="onlin") as one:
         make_strategy("ewc", mode="onlin", fisher="true")
     assert "emprical" not in str(one.value)

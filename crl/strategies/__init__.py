@@ -104,7 +104,7 @@ def make_strategy(name: str, **options: Any) -> Strategy:
     cls = strategy_class(members[0])
     accepted = inspect.signature(cls.__init__).parameters
     kwargs = {k: v for k, v in options.items() if k in accepted and v is not None}
-    bad = [f"unknown {k} {kwargs[k]!r} (choose one of: {', '.join(words)})"
+    bad = [f"unknown {members[0]} {k} {kwargs[k]!r} (choose one of: {', '.join(words)})"
            for k, words in cls.option_choices.items() if k in kwargs and kwargs[k] not in words]
     if len(bad) > 1:  # one bad word: the constructor's own message; several: all at once
         raise ValueError("; ".join(bad))
