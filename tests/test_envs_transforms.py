@@ -110,6 +110,19 @@ def test_rotated_tasks_of_a_sequence_get_their_own_maps():
 # -- unification across environments -----------------------------------------------------------
 
 
+def test_the_long_rotated_sequence_extends_the_short_one():
+    """CartPoleRotated20's first three maps are CartPoleRotated's; all 20 differ."""
+    long_seq = envs.get_sequence("CartPoleRotated20")
+    short = envs.get_sequence("CartPoleRotated")
+    assert long_seq.num_tasks == 20 and long_seq.steps_per_task == 10_240
+    maps = [long_seq.make_eval_env(i).get_wrapper_attr("matrix") for i in range(20)]
+    for i in range(3):
+        assert np.array_equal(maps[i], short.make_eval_env(i).get_wrapper_attr("matrix"))
+    flat = np.stack([m.ravel() for m in maps])
+    gaps = np.abs(flat[:, None, :] - flat[None, :, :]).max(-1) + np.eye(20)
+    assert gaps.min() > 0.05
+
+
 def test_discrete_actions_are_padded_and_the_extra_action_acts_as_action_0():
     seq = TaskSequence("M", [acrobot_task("acro"), cartpole_task("cart")], 50,
                        pad_observations=True)
@@ -178,7 +191,8 @@ def test_float64_and_float32_observations_become_float32():
 # -- registration -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["ClassicMix", "MujocoMix", "CartPoleRotated", "PendulumRotated"])
+@pytest.mark.parametrize("name", ["ClassicMix", "MujocoMix", "CartPoleRotated", "PendulumRotated",
+                                  "CartPoleRotated20"])
 def test_new_sequences_are_registered_and_listed(name):
     assert name in envs.sequence_names()
     assert name in envs.describe_sequences()
