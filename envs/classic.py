@@ -103,6 +103,13 @@ def rotated(task: TaskSpec, name: str, seed: int) -> TaskSpec:
     return dataclasses.replace(task, name=name, wrappers=(*task.wrappers, wrapper))
 
 
+def cartpole_rotations(count: int) -> list[TaskSpec]:
+    """CartPole through the rotations of seeds 1..``count``, task k named cartpole-rot<k>:
+    one convention, so a longer sequence starts with a shorter one's tasks."""
+    return [rotated(cartpole_task(f"cartpole-rot{k}"), f"cartpole-rot{k}", k)
+            for k in range(1, count + 1)]
+
+
 def cartpole_rotated() -> TaskSequence:
     """CartPole seen through three fixed random rotations of its 4-d state (seeds 1-3).
 
@@ -113,7 +120,7 @@ def cartpole_rotated() -> TaskSequence:
     """
     return TaskSequence(
         "CartPoleRotated",
-        [rotated(cartpole_task(f"cartpole-rot{k}"), f"cartpole-rot{k}", k) for k in (1, 2, 3)],
+        cartpole_rotations(3),
         steps_per_task=40_960,
         description="CartPole through 3 random rotations of its state (PPO, permuted-MNIST-like)",
     )
@@ -129,7 +136,7 @@ def cartpole_rotated_20() -> TaskSequence:
     10,240 steps per task its end-of-task score falls by 0.013 per task (3 seeds)."""
     return TaskSequence(
         "CartPoleRotated20",
-        [rotated(cartpole_task(f"cartpole-rot{k}"), f"cartpole-rot{k}", k) for k in range(1, 21)],
+        cartpole_rotations(20),
         steps_per_task=10_240,
         description="CartPole through 20 random rotations of its state (PPO, plasticity)",
     )
