@@ -125,6 +125,9 @@ class PPOHost:
     def importance_batches(self) -> Iterator[Batch]:
         return self.agent.task_batches()
 
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return list(self.agent._optimizers().values())
+
     def output_distribution(self, batch: Batch) -> torch.distributions.Distribution:
         return self.agent.policy.action_distribution(obs_from_batch(batch))
 

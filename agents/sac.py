@@ -134,6 +134,9 @@ class SACHost:
     def head_returns(self, heads: Sequence[int], episodes: int) -> list[float]:
         return self.agent.head_returns(heads, episodes)
 
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return list(self.agent._optimizers().values())
+
     def output_distribution(self, batch: Batch) -> Distribution:
         """The pre-tanh Gaussian (CW); its Fisher equals the squashed policy's. With gSDE the
         actor's ``log_std`` is the noise matrix's, so the per-sample std comes from SB3's own

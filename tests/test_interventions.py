@@ -112,6 +112,80 @@ def test_redo_recycles_the_dead_unit_and_keeps_the_function():
     assert head.weight.shape == (2, 4)
 
 
+def test_recycling_zeroes_the_recycled_weights_optimizer_state():
+    """Recycling two live units of the first layer: Adam's moments of their incoming rows,
+    biases and outgoing columns are zeroed; every other entry and the step count stay
+    bit-identical. ReDo hands the tracker the host's optimizers()."""
+    import copy
+
+    from crl.strategies.units import host_optimizers
+
+    class Bare:
+        def __init__(self) -> None:
+            torch.manual_seed(0)
+            self.module = nn.Sequential(nn.Linear(3, 16), nn.ReLU(), nn.Linear(16, 8),
+                                        nn.ReLU(), nn.Linear(8, 2))
+            self.opt = torch.optim.Adam(self.module.parameters(), lr=0.01)
+
+        def optimizers(self):
+            return [self.opt]
+
+    host = Bare()
+    opt = host.opt
+    redo = ReDo(tau=0.025, every=2, seed=1).bind(host)
+    calls = []
+    recycle = redo.tracker.recycle
+    redo.tracker.recycle = lambda *a: calls.append(a) or recycle(*a)
+    x = torch.randn(64, 3, generator=torch.Generator().manual_seed(2))
+    host.module.train()
+    for _ in range(2):
+        opt.zero_grad()
+        host.module(x).pow(2).mean().backward()
+        opt.step()
+        redo.after_optimizer_step()
+    assert calls and all(c[3] == [opt] for c in calls)  # ReDo passed the host's optimiser
+    w0, b0, w2 = host.module[0].weight, host.module[0].bias, host.module[2].weight
+    state = {n: copy.deepcopy(opt.state[p]) for n, p in host.module.named_parameters()}
+    live = (state["0.weight"]["exp_avg_sq"].sum(1) > 0).nonzero().flatten()
+    units, kept = live[:2], [i for i in range(16) if i not in live[:2].tolist()]
+    assert len(live) >= 3
+    assert redo.tracker.recycle("1", units, 7, host_optimizers(host)) == 2
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert float(state["0.weight"][key][units].abs().sum()) > 0  # live: nonzero
+        assert float(state["2.weight"][key][:, units].abs().sum()) > 0
+        assert float(opt.state[w0][key][units].abs().sum()) == 0.0
+        assert float(opt.state[b0][key][units].abs().sum()) == 0.0
+        assert float(opt.state[w2][key][:, units].abs().sum()) == 0.0
+        torch.testing.assert_close(opt.state[w0][key][kept], state["0.weight"][key][kept],
+                                   rtol=0, atol=0)
+        torch.testing.assert_close(opt.state[w2][key][:, kept],
+                                   state["2.weight"][key][:, kept], rtol=0, atol=0)
+        torch.testing.assert_close(opt.state[host.module[4].weight][key],
+                                   state["4.weight"][key], rtol=0, atol=0)
+    assert float(opt.state[w0]["step"]) == float(state["0.weight"]["step"]) == 2.0
+
+
+def test_agent_and_trainer_hosts_list_their_optimizers():
+    """The hosts' optional optimizers(): what ReDo and CBP clear moments in."""
+    from agents.config import RunConfig
+    from agents.factory import make_agent
+    from crl.supervised.trainer import ClassifierHost, TrainerConfig
+    from envs.registry import get_sequence
+
+    agents = {}
+    for agent, name in (("sac", "PendulumVariants"), ("ppo", "CartPoleSwap")):
+        seq = get_sequence(name, steps_per_task=64)
+        config = RunConfig(sequence=name, agent=agent, method="redo", net_arch=(8,),
+                           agent_options={"buffer_size": 100} if agent == "sac" else {})
+        agents[agent] = make_agent(config, seq.make_env(append_task_id=True), seq)
+    sac, ppo = agents["sac"], agents["ppo"]
+    assert {id(o) for o in sac.host.optimizers()} == {
+        id(sac.actor.optimizer), id(sac.critic.optimizer), id(sac.ent_coef_optimizer)}
+    assert [id(o) for o in ppo.host.optimizers()] == [id(ppo.policy.optimizer)]
+    host = ClassifierHost(nn.Linear(2, 2), TrainerConfig(), torch.Generator())
+    assert host.optimizers() == []
+
+
 def test_redo_state_round_trip_and_bad_options():
     host = Host()
     redo = ReDo(every=10, seed=1).bind(host)

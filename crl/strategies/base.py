@@ -39,6 +39,9 @@ class Host(Protocol):
     Optional: ``distribution_values(values)`` maps stored targets (labels, actions) into
     :meth:`output_distribution`'s value space where the host transforms its outputs (SAC's
     tanh squash); EWC's empirical Fisher applies it to its labels.
+
+    Optional: ``optimizers()`` lists the optimisers stepping the module now; methods that
+    re-initialise weights (ReDo, Continual Backprop) clear those weights' moments there.
     """
 
     module: nn.Module

@@ -6,7 +6,8 @@ reset) and contribution utility u_i ← η u_i + (1 − η) E|h_i| Σ_k |w_ki| (
 times the magnitude of its outgoing weights), bias-corrected as u_i / (1 − η^{a_i}). After
 every update each layer adds ρ x (number of units older than the maturity threshold m) to a
 replacement budget; while the budget holds a whole unit, the mature unit of lowest utility is
-replaced (fresh incoming weights, zero outgoing weights, utility and age 0). The paper's
+replaced (fresh incoming weights, zero outgoing weights, their optimiser moments zeroed as
+the paper's AdamGnT does, utility and age 0). The paper's
 defaults: ρ = 1e-4, m = 100, η = 0.99. Not done here: the paper's mean-corrected variant,
 which also moves the replaced unit's mean contribution into the next layer's bias.
 """
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 
 from crl.strategies.base import Host, Strategy
-from crl.strategies.units import UnitTracker, unit_seed
+from crl.strategies.units import UnitTracker, host_optimizers, unit_seed
 
 
 class CBP(Strategy):
@@ -82,7 +83,8 @@ class CBP(Strategy):
             self.budget[name] -= n
             corrected = util[mature] / (1 - self.decay ** age[mature].double()).float()
             chosen = mature[torch.argsort(corrected)[:n]]
-            self.tracker.recycle(name, chosen, unit_seed(self.seed, self.updates, name))
+            self.tracker.recycle(name, chosen, unit_seed(self.seed, self.updates, name),
+                                 host_optimizers(self._host()))
             age[chosen] = 0
             util[chosen] = 0.0
             self.replaced += n

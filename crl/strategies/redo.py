@@ -8,8 +8,8 @@ and the unit can learn again. Activity is averaged over the host's training forw
 since the last check (the paper scores the current batch). Units of every trained network
 are recycled (SAC: actor and critics; PPO: policy and value nets; a classifier's trunk);
 units whose outgoing weights cannot be found are left alone (:mod:`crl.strategies.units`).
-Not done here: the paper also resets the optimiser's moments of recycled weights; the
-strategy contract gives no access to the host's optimisers.
+The recycled weights' optimiser state (Adam's moments) is zeroed as in the paper, through
+the host's optional ``optimizers()``; Adam's step count is per tensor and stays.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from crl.strategies.base import Host, Strategy
-from crl.strategies.units import UnitTracker, unit_seed
+from crl.strategies.units import UnitTracker, host_optimizers, unit_seed
 
 
 class ReDo(Strategy):
@@ -58,7 +58,8 @@ class ReDo(Strategy):
             score = activity / mean if float(mean) > 0 else activity * 0
             dormant = (score <= self.tau).nonzero().flatten()
             seed = unit_seed(self.seed, self.updates, name)
-            self.recycled += self.tracker.recycle(name, dormant, seed)
+            self.recycled += self.tracker.recycle(name, dormant, seed,
+                                                  host_optimizers(self._host()))
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()

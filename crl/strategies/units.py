@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import copy
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -165,10 +165,14 @@ class UnitTracker:
         return bool(self.layers[name].consumers)
 
     @torch.no_grad()
-    def recycle(self, name: str, units: torch.Tensor, generator_seed: int) -> int:
+    def recycle(self, name: str, units: torch.Tensor, generator_seed: int,
+                optimizers: Sequence[torch.optim.Optimizer] = ()) -> int:
         """Re-initialise the incoming weights (and bias) of ``units`` of layer ``name`` as the
         producer's own initialiser draws them, and zero their outgoing weights in every
-        consumer. Returns the number of units recycled."""
+        consumer; in ``optimizers`` the recycled weights' per-weight state (Adam's moments,
+        SGD's momentum) is zeroed too, so that the old weights' gradient history does not
+        steer the fresh ones (ReDo and CBP do this: Sokar et al. 2023; Dohare et al. 2024's
+        AdamGnT). Returns the number of units recycled."""
         if units.numel() == 0:
             return 0
         layer = self.layers[name]
@@ -181,10 +185,15 @@ class UnitTracker:
         idx = units.to(producer.weight.device).long()
         cpu_idx = idx.cpu()
         producer.weight[idx] = fresh.weight[cpu_idx].to(producer.weight)
+        touched = [(producer.weight, 0)]
         if producer.bias is not None:
             producer.bias[idx] = fresh.bias[cpu_idx].to(producer.bias)
+            touched.append((producer.bias, 0))
         for p in self.outgoing(name):
             p[:, idx] = 0.0
+            touched.append((p, 1))
+        for param, dim in touched:
+            clear_optimizer_state(optimizers, param, dim, idx)
         return int(idx.numel())
 
     # -- state -----------------------------------------------------------------------------
@@ -206,6 +215,24 @@ class UnitTracker:
                            for n, u in layers.items()}
             self._discovered = True
 
+
+
+def host_optimizers(host: object) -> list[torch.optim.Optimizer]:
+    """The host's optimisers (the contract's optional ``optimizers()``; none if absent)."""
+    method = getattr(host, "optimizers", None)
+    return list(method()) if callable(method) else []
+
+
+@torch.no_grad()
+def clear_optimizer_state(optimizers: Sequence[torch.optim.Optimizer], param: torch.Tensor,
+                          dim: int, index: torch.Tensor) -> None:
+    """Zero the slices ``index`` along ``dim`` of every per-weight state tensor (those of
+    ``param``'s shape) that ``optimizers`` keep for ``param``; scalar state (Adam's step
+    count) is shared by the whole tensor and stays."""
+    for optimizer in optimizers:
+        for value in optimizer.state.get(param, {}).values():
+            if isinstance(value, torch.Tensor) and value.shape == param.shape:
+                value.index_fill_(dim, index.to(value.device), 0.0)
 
 
 def own_parameters(module: nn.Module) -> list[nn.Parameter]:

@@ -111,6 +111,11 @@ class ClassifierHost:
         self.generator = generator
         self.task: Task | None = None
         self._last: tuple[Batch, torch.Tensor] | None = None
+        #: the optimiser of the running update (the trainer makes a new one per task)
+        self.optimizer: torch.optim.Optimizer | None = None
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [] if self.optimizer is None else [self.optimizer]
 
     def protected_parameters(self) -> dict[str, nn.Parameter]:
         own = getattr(self.module, "protected_parameters", None)
@@ -242,6 +247,7 @@ def _train_step(
 ) -> dict[str, float]:
     """One update with the hooks in the contract's order (docs/ARCHITECTURE.md,
     "Host/strategy contract"); returns the row to log."""
+    host.optimizer = optimizer
     optimizer.zero_grad(set_to_none=True)
     extra = strategy.replay_batch(batch_length(batch), host.task_size, appended=True)
     if extra is not None:  # stored samples join the batch (replay's perfect memory)
