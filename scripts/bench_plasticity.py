@@ -16,7 +16,10 @@ each file the script
    the final dormant fraction, and the plasticity metrics' share of wall time;
 4. checks (PASS/FAIL, ``checks.json`` beside the report): finetune's slope is below zero
    with its CI excluding zero, and at least one intervention keeps the score level (CI
-   including zero or above).
+   including zero or above) while it still learns: its mean end-of-task score over the
+   tasks and seeds is at least finetune's. A method that stops learning keeps a flat, low
+   score (L2 Init at λ 1 on CartPoleRotated20: slope CI [-0.005, 0.001] at a mean
+   end-of-task score of 0.19 against finetune's 0.42); it has not kept plasticity.
 
     CRL_DATA_DIR=../shared/data/mnist-10k python scripts/bench_plasticity.py --num-cpus 2
     python scripts/bench_plasticity.py scripts/sweeps/plasticity-pmnist.yaml --num-cpus 2
@@ -45,9 +48,10 @@ def _float(v: Any) -> float | None:
     return float(v) if v not in ("", None) else None
 
 
-def check(rows: list[dict[str, Any]]) -> dict[str, bool]:
-    """finetune's slope below zero (CI excludes 0); some intervention level (CI reaches 0)."""
-    by = {r["method"]: r for r in rows}  # labels: "redo", "l2init [lam=0.01]", ...
+def check(rows: list[dict[str, Any]], learned: dict[str, float]) -> dict[str, bool]:
+    """finetune's slope below zero (CI excludes 0); some intervention level (CI reaches 0)
+    whose mean end-of-task score (``learned``, by report label) is at least finetune's."""
+    by = {r["method"]: r for r in rows}  # labels: "redo", "l2init (lam=0.01)", ...
     checks: dict[str, bool] = {}
     ft = by.get("finetune")
     if ft is None or _float(ft.get("plasticity")) is None:
@@ -55,16 +59,42 @@ def check(rows: list[dict[str, Any]]) -> dict[str, bool]:
     mean, high = _float(ft["plasticity"]), _float(ft["plasticity_high"])
     checks[f"finetune's end-of-task score falls (slope {mean:.2e}, CI high {high:.2e} < 0)"] = (
         high is not None and high < 0)
-    level = []
+    bar = learned.get("finetune")
+    level, idle = [], []
     for m, r in by.items():
         if m.split(" ")[0] not in INTERVENTIONS or _float(r.get("plasticity_high")) is None:
             continue
         if _float(r["plasticity_high"]) >= 0:
-            level.append(f"{m} ({float(r['plasticity']):.2e} "
-                         f"[{float(r['plasticity_low']):.2e}, {float(r['plasticity_high']):.2e}])")
-    checks["an intervention keeps the end-of-task score level (CI reaches 0): "
-           + (", ".join(level) if level else "none")] = bool(level)
+            text = (f"{m} ({float(r['plasticity']):.2e} [{float(r['plasticity_low']):.2e}, "
+                    f"{float(r['plasticity_high']):.2e}], mean end-of-task score "
+                    f"{learned.get(m, float('nan')):.3f})")
+            (level if bar is not None and learned.get(m, -1.0) >= bar else idle).append(text)
+    need = "n/a" if bar is None else f"{bar:.3f}"
+    claim = ("an intervention keeps the end-of-task score level (CI reaches 0) and learns "
+             f"as well as finetune (mean end-of-task score >= {need}): "
+             + (", ".join(level) if level else "none"))
+    if idle:
+        claim += "; level but learning less than finetune: " + ", ".join(idle)
+    checks[claim] = bool(level)
     return checks
+
+
+def mean_end_of_task(sweep_dir: Path) -> dict[str, float]:
+    """Per report label (crl report's grouping): the mean end-of-task score over every task
+    and seed, i.e. how well the method still learns each new task."""
+    sys.path.insert(0, str(ROOT))
+    from crl.report import build_rows
+    from crl.report_sources import load_run_dirs
+
+    runs, _ = load_run_dirs([sweep_dir])
+    by_source = {r.source: r for r in runs}
+    out = {}
+    for row in build_rows(runs):
+        ends = [float(np.mean(by_source[s].results["end_of_task_score"])) for s in row.runs
+                if by_source[s].results.get("end_of_task_score")]
+        if ends:
+            out[row.method] = float(np.mean(ends))
+    return out
 
 
 def summary(sweep_dir: Path) -> str:
@@ -117,7 +147,8 @@ def finish(sweep_dir: Path, report_dir: Path) -> None:
     text = summary(sweep_dir)
     print(text)
     (report_dir / "plasticity_summary.md").write_text(text + "\n")
-    print_checks(check(report_rows(report_dir)), report_dir / "checks.json")
+    print_checks(check(report_rows(report_dir), mean_end_of_task(sweep_dir)),
+                 report_dir / "checks.json")
 
 
 def main() -> int:

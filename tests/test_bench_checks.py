@@ -67,3 +67,37 @@ def test_references_once_per_head_setting(bench, monkeypatch) -> None:
     assert len(calls) == 2  # the method and its options do not make another reference
     assert "multi_head: true" in written[0] and "multi_head: false" in written[1]
     assert all("bc_clonex" not in w and "method" not in w for w in written)
+
+
+@pytest.fixture(scope="module")
+def plasticity():
+    spec = importlib.util.spec_from_file_location("bench_plasticity",
+                                                  ROOT / "scripts/bench_plasticity.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def slope_row(method: str, mean: float, low: float, high: float) -> dict:
+    return {"method": method, "plasticity": str(mean), "plasticity_low": str(low),
+            "plasticity_high": str(high)}
+
+
+def test_plasticity_claims_need_a_level_intervention_that_still_learns(plasticity) -> None:
+    rows = [slope_row("finetune", -0.013, -0.016, -0.009),
+            slope_row("l2init (lam=1.0)", -0.002, -0.005, 0.001),  # level, learns little
+            slope_row("snp (shrink=0.4)", -0.001, -0.002, -0.0004),  # learns, CI below 0
+            slope_row("ewc", 0.0, -0.001, 0.001)]  # level, but not an intervention
+    learned = {"finetune": 0.40, "l2init (lam=1.0)": 0.20, "snp (shrink=0.4)": 0.61,
+               "ewc": 0.90}
+    checks = plasticity.check(rows, learned)
+    (falls, falls_ok), (level, level_ok) = checks.items()
+    assert falls.startswith("finetune's end-of-task score falls") and falls_ok
+    assert not level_ok and "none; level but learning less than finetune: l2init" in level
+    assert "snp" not in level and "ewc" not in level
+    learned["l2init (lam=1.0)"] = 0.40  # as well as finetune: it counts
+    (_, _), (level, level_ok) = plasticity.check(rows, learned).items()
+    assert level_ok and "score >= 0.400): l2init (lam=1.0)" in level
+    rows[0] = slope_row("finetune", -0.001, -0.004, 0.002)  # CI reaches 0: no loss shown
+    assert not next(iter(plasticity.check(rows, learned).values()))
