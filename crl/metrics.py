@@ -309,22 +309,39 @@ def _window_scores(history: EvalHistory, task: int, score_task: int) -> np.ndarr
     return history.scores[mask, score_task]
 
 
+def _end_scores(history: EvalHistory, task: int, score_task: int, k: int) -> np.ndarray:
+    """p_score_task at the last k evaluations inside task's window, without the evaluation
+    taken at the window's first step: that one precedes any training on the task (it is
+    the previous task's end), so it is never an end value. It matters where a window holds
+    k or fewer later evaluations (one evaluation per task: the end value would otherwise
+    be the mean of the task's start and end)."""
+    start, end = history.window(task)
+    mask = history.window_mask(task) & (history.steps > start)
+    if not mask.any():
+        raise ValueError(
+            f"no evaluation inside task {task}'s window ({start}, {end}] after its start; "
+            "evaluate during every task (lower the evaluation interval)."
+        )
+    return history.scores[mask, score_task][-k:]
+
+
 def forgetting_from_history(history: EvalHistory, k: int = 5) -> np.ndarray:
     """F_i for i < N-1, length N-1 (empty for a single task).
 
-    F_i = mean(p_i at the last k evaluations inside task i's window [start_i, end_i])
+    F_i = mean(p_i at the last k evaluations inside task i's window (start_i, end_i])
         - mean(p_i at the last k evaluations of the run, taken inside the last task's
-          window [start_{N-1}, total_steps]).
-    CW averages the last k = 5 evaluations to smooth evaluation noise. If a window holds
-    fewer than k evaluations, all of them are used; none raises ValueError.
+          window (start_{N-1}, total_steps]).
+    CW averages the last k = 5 evaluations to smooth evaluation noise. The evaluation at a
+    window's start (before the task is trained) is not an end value; if a window holds
+    fewer than k later evaluations, all of them are used; none raises ValueError.
     """
     if k < 1:
         raise ValueError(f"forgetting_from_history: k must be >= 1, got {k}.")
     N = history.n_tasks
     out = np.empty(max(N - 1, 0))
     for i in range(N - 1):
-        end_of_task = _window_scores(history, i, i)[-k:].mean()
-        end_of_run = _window_scores(history, N - 1, i)[-k:].mean()
+        end_of_task = _end_scores(history, i, i, k).mean()
+        end_of_run = _end_scores(history, N - 1, i, k).mean()
         out[i] = end_of_task - end_of_run
     return out
 
@@ -332,8 +349,9 @@ def forgetting_from_history(history: EvalHistory, k: int = 5) -> np.ndarray:
 def new_task_gain_from_history(history: EvalHistory, k: int = 5) -> np.ndarray:
     """G_i for the tasks after the first (1 <= i < N), length N-1 (empty for one task).
 
-    G_i = mean(p_i at the last k evaluations inside task i's window) - p_i at the window's
-    first evaluation (before task i is trained on): how much of task i the agent learnt,
+    G_i = mean(p_i at the last k evaluations inside task i's window, after its start) - p_i
+    at the window's first evaluation (before task i is trained on): how much of task i the
+    agent learnt,
     on the same end-of-task value as forgetting. A method that "forgets less" because it
     stopped learning shows it here. The first task is left out: no method acts on it, so
     its gain is the same for every method.
@@ -343,17 +361,17 @@ def new_task_gain_from_history(history: EvalHistory, k: int = 5) -> np.ndarray:
     N = history.n_tasks
     out = np.empty(max(N - 1, 0))
     for i in range(1, N):
-        window = _window_scores(history, i, i)
-        out[i - 1] = window[-k:].mean() - window[0]
+        out[i - 1] = _end_scores(history, i, i, k).mean() - _window_scores(history, i, i)[0]
     return out
 
 
 def end_of_task_scores(history: EvalHistory, k: int = 5) -> np.ndarray:
-    """E_i = mean of p_i at the last k evaluations inside task i's window: what each task
-    reached by the end of its own training (the end value forgetting starts from)."""
+    """E_i = mean of p_i at the last k evaluations inside task i's window after its start:
+    what each task reached by the end of its own training (the end value forgetting starts
+    from)."""
     if k < 1:
         raise ValueError(f"end_of_task_scores: k must be >= 1, got {k}.")
-    return np.array([_window_scores(history, i, i)[-k:].mean() for i in range(history.n_tasks)])
+    return np.array([_end_scores(history, i, i, k).mean() for i in range(history.n_tasks)])
 
 
 def plasticity_slope(end_scores: ArrayLike) -> float:

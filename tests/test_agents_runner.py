@@ -67,8 +67,9 @@ def test_train_writes_results_metrics_and_the_plot(trained) -> None:
     returns = np.array(ev["mean_returns"])
     scores = np.array(ev["scores"])
     np.testing.assert_allclose(scores, np.clip(returns / 200.0, 0, 1))  # CartPole [0, 200]
-    # forgetting of task 0: last-5 mean in its window [0, 512] minus in task 1's [512, 1024]
-    expected = _tail_mean(scores[:3, 0]) - _tail_mean(scores[2:, 0])
+    # forgetting of task 0: last-5 mean in its window (0, 512] minus in task 1's (512, 1024]
+    # (the evaluation at a window's start precedes the task's training: not an end value)
+    expected = _tail_mean(scores[1:3, 0]) - _tail_mean(scores[3:, 0])
     assert results["forgetting"] == [pytest.approx(expected)]
     assert results["final_performance"] == pytest.approx(scores[-1].mean())
     assert results["env_steps"] == 1024

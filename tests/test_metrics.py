@@ -145,13 +145,30 @@ def test_forgetting_from_history_with_k() -> None:
     np.testing.assert_allclose(m.forgetting_from_history(h, k=1), [0.4])
     # k=2: mean(0.6, 0.8) - mean(0.5, 0.4) = 0.7 - 0.45 = 0.25
     np.testing.assert_allclose(m.forgetting_from_history(h, k=2), [0.25])
-    # k=5: mean(0, .2, .4, .6, .8) = 0.4 minus p0 over the last task's window
-    # mean(.8, .7, .6, .5, .4) = 0.6 -> -0.2 (negative = the score rose afterwards)
-    np.testing.assert_allclose(m.forgetting_from_history(h, k=5), [-0.2])
-    # k larger than a window uses all its evaluations: same as k=5 here
-    np.testing.assert_allclose(m.forgetting_from_history(h, k=50), [-0.2])
+    # k=5: the window's evaluations after its start, mean(.2, .4, .6, .8) = 0.5, minus p0
+    # over the last task's window after step 100, mean(.7, .6, .5, .4) = 0.55 -> -0.05
+    # (negative = the score rose afterwards); step 0 and step 100 precede each task's
+    # training: not end values
+    np.testing.assert_allclose(m.forgetting_from_history(h, k=5), [-0.05])
+    # k larger than a window uses all its later evaluations: same as k=5 here
+    np.testing.assert_allclose(m.forgetting_from_history(h, k=50), [-0.05])
     with pytest.raises(ValueError, match="k must be"):
         m.forgetting_from_history(h, k=0)
+
+
+def test_one_evaluation_per_task_is_its_end_value() -> None:
+    """Evaluated only at the task boundaries (steps 0, 100, 200): each task's end value is
+    the evaluation at its end, never averaged with the one before its training."""
+    h = m.EvalHistory(steps=[0, 100, 200], scores=[[0.1, 0.0], [0.9, 0.2], [0.5, 0.8]],
+                      task_starts=[0, 100], total_steps=200)
+    np.testing.assert_allclose(m.end_of_task_scores(h, k=5), [0.9, 0.8])
+    np.testing.assert_allclose(m.forgetting_from_history(h, k=5), [0.9 - 0.5])
+    np.testing.assert_allclose(m.new_task_gain_from_history(h, k=5), [0.8 - 0.2])
+    assert m.plasticity_slope(m.end_of_task_scores(h)) == pytest.approx(-0.1)
+    starts_only = m.EvalHistory(steps=[0, 100], scores=[[0.1, 0.0], [0.9, 0.2]],
+                                task_starts=[0, 100], total_steps=200)
+    with pytest.raises(ValueError, match=r"task 1's window \(100, 200\] after its start"):
+        m.end_of_task_scores(starts_only)
 
 
 def test_forward_transfer_hand_made_curves() -> None:
