@@ -11,14 +11,18 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_forgetting",
-                                                  ROOT / "scripts/bench_forgetting.py")
+def _script(name: str):
+    """A benchmark script of scripts/ as a module (they are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return _script("bench_forgetting")
 
 
 def row(method: str, perf: float, forg: float, gain: float, low: float | None = None) -> dict:
@@ -71,12 +75,7 @@ def test_references_once_per_head_setting(bench, monkeypatch) -> None:
 
 @pytest.fixture(scope="module")
 def plasticity():
-    spec = importlib.util.spec_from_file_location("bench_plasticity",
-                                                  ROOT / "scripts/bench_plasticity.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _script("bench_plasticity")
 
 
 def slope_row(method: str, mean: float, low: float, high: float) -> dict:
