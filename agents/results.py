@@ -15,7 +15,7 @@ import torch
 
 from agents.config import RunConfig
 from agents.training import EvalRecord
-from crl.metrics import EvalHistory, bootstrap_ci
+from crl.metrics import EvalHistory, bootstrap_ci, end_scores
 
 if TYPE_CHECKING:
     pass
@@ -28,8 +28,8 @@ def metric_rows(summary: Mapping[str, Any], history: EvalHistory | None,
     for s in range(n):
         row: dict[str, Any] = {"task": names[s]}
         if history is not None:
-            row["end_of_task"] = float(history.scores[history.window_mask(s), s][-k:].mean())
-            row["final"] = float(history.scores[history.window_mask(n - 1), s][-k:].mean())
+            row["end_of_task"] = float(end_scores(history, s, s, k).mean())
+            row["final"] = float(end_scores(history, n - 1, s, k).mean())
             row["auc"] = summary["auc"][s]
             row["forgetting"] = summary["forgetting"][s] if s < n - 1 else None
             ft = summary.get("forward_transfer")

@@ -739,8 +739,9 @@ def _fmt_value(v: Any) -> str:
 def print_run_table(summary: dict[str, Any], title: str) -> None:
     """Per task: end-of-task and final score, forgetting, AUC, forward transfer; then means."""
     k = summary.get("forgetting_k", 5)
-    t = Table(title=title, caption=f"* mean of the last {k} evaluations (CW); forgetting = "
-              "end of task* - final*; gain = end of task* - score when its training began")
+    t = Table(title=title, caption=f"* mean of the last {k} evaluations after the task's start "
+              "(CW); forgetting = end of task* - final*; gain = end of task* - score when its "
+              "training began")
     for col in ("task", "end of task*", "final*", "forgetting", "gain", "AUC",
                 "forward transfer"):
         t.add_column(col, justify="left" if col == "task" else "right",

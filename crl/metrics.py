@@ -309,7 +309,7 @@ def _window_scores(history: EvalHistory, task: int, score_task: int) -> np.ndarr
     return history.scores[mask, score_task]
 
 
-def _end_scores(history: EvalHistory, task: int, score_task: int, k: int) -> np.ndarray:
+def end_scores(history: EvalHistory, task: int, score_task: int, k: int) -> np.ndarray:
     """p_score_task at the last k evaluations inside task's window, without the evaluation
     taken at the window's first step: that one precedes any training on the task (it is
     the previous task's end), so it is never an end value. It matters where a window holds
@@ -340,8 +340,8 @@ def forgetting_from_history(history: EvalHistory, k: int = 5) -> np.ndarray:
     N = history.n_tasks
     out = np.empty(max(N - 1, 0))
     for i in range(N - 1):
-        end_of_task = _end_scores(history, i, i, k).mean()
-        end_of_run = _end_scores(history, N - 1, i, k).mean()
+        end_of_task = end_scores(history, i, i, k).mean()
+        end_of_run = end_scores(history, N - 1, i, k).mean()
         out[i] = end_of_task - end_of_run
     return out
 
@@ -361,7 +361,7 @@ def new_task_gain_from_history(history: EvalHistory, k: int = 5) -> np.ndarray:
     N = history.n_tasks
     out = np.empty(max(N - 1, 0))
     for i in range(1, N):
-        out[i - 1] = _end_scores(history, i, i, k).mean() - _window_scores(history, i, i)[0]
+        out[i - 1] = end_scores(history, i, i, k).mean() - _window_scores(history, i, i)[0]
     return out
 
 
@@ -371,15 +371,15 @@ def end_of_task_scores(history: EvalHistory, k: int = 5) -> np.ndarray:
     from)."""
     if k < 1:
         raise ValueError(f"end_of_task_scores: k must be >= 1, got {k}.")
-    return np.array([_end_scores(history, i, i, k).mean() for i in range(history.n_tasks)])
+    return np.array([end_scores(history, i, i, k).mean() for i in range(history.n_tasks)])
 
 
-def plasticity_slope(end_scores: ArrayLike) -> float:
+def plasticity_slope(ends: ArrayLike) -> float:
     """Least-squares slope of the end-of-task scores over the task index: below zero when
     each new task ends lower than the ones before (loss of plasticity, Dohare et al. 2024),
     whatever happens to the old tasks. nan for fewer than two tasks. Comparable across
     sequences only where the tasks are of one difficulty (permuted MNIST, ``--cycles``)."""
-    y = np.asarray(end_scores, dtype=float).ravel()
+    y = np.asarray(ends, dtype=float).ravel()
     if y.size < 2 or not np.all(np.isfinite(y)):
         return float("nan")
     return float(np.polyfit(np.arange(y.size, dtype=float), y, 1)[0])

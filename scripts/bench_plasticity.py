@@ -60,6 +60,8 @@ def check(rows: list[dict[str, Any]], learned: dict[str, float]) -> dict[str, bo
     checks[f"finetune's end-of-task score falls (slope {mean:.2e}, CI high {high:.2e} < 0)"] = (
         high is not None and high < 0)
     bar = learned.get("finetune")
+    if bar is None:  # runs older than end_of_task_score: nothing to compare learning with
+        checks["finetune's end-of-task scores are in its results.json"] = False
     level, idle = [], []
     for m, r in by.items():
         if m.split(" ")[0] not in INTERVENTIONS or _float(r.get("plasticity_high")) is None:

@@ -100,3 +100,6 @@ def test_plasticity_claims_need_a_level_intervention_that_still_learns(plasticit
     assert level_ok and "score >= 0.400): l2init (lam=1.0)" in level
     rows[0] = slope_row("finetune", -0.001, -0.004, 0.002)  # CI reaches 0: no loss shown
     assert not next(iter(plasticity.check(rows, learned).values()))
+    del learned["finetune"]  # no end-of-task scores to compare learning with: said so
+    missing = plasticity.check(rows, learned)
+    assert missing["finetune's end-of-task scores are in its results.json"] is False

@@ -363,6 +363,34 @@ def test_ewc_redo_through_crl_supervised(tiny_mnist_dir, tmp_path):
     assert "ewc+snp" in out.output
 
 
+@pytest.mark.parametrize("method,flags", [("redo", ["--redo-tau", "0.9", "--redo-every", "2"]),
+                                          ("cbp", ["--cbp-rate", "0.5", "--cbp-maturity", "1"])])
+def test_supervised_recycling_gets_the_running_optimizer(tiny_mnist_dir, tmp_path, monkeypatch,
+                                                          method, flags):
+    """Through crl supervised, ReDo and CBP hand every recycle the trainer's running Adam
+    (the host's optimizers(), set by each update)."""
+    from click.testing import CliRunner
+
+    from crl.cli import main
+    from crl.strategies.units import UnitTracker
+
+    seen: list[list] = []
+    recycle = UnitTracker.recycle
+
+    def spy(self, name, units, seed, optimizers=()):
+        seen.append(list(optimizers))
+        return recycle(self, name, units, seed, optimizers)
+
+    monkeypatch.setattr(UnitTracker, "recycle", spy)
+    out = CliRunner().invoke(main, [
+        "supervised", "--benchmark", "permuted-mnist", "--tasks", "2", "--method", method,
+        *flags, "--data-dir", str(tiny_mnist_dir), "--run-dir", str(tmp_path), "--hidden",
+        "16", "--no-progress", "--wandb", "disabled", "--no-download"],
+        catch_exceptions=False)
+    assert out.exit_code == 0, out.output
+    assert seen and all(len(o) == 1 and isinstance(o[0], torch.optim.Adam) for o in seen)
+
+
 # -- review findings: resume, hook order, remembered batches --------------------------------
 def _resumable_run(cls, kw, steps, split=None):
     """A small MLP trained ``steps`` SGD steps; at ``split`` the model, optimiser and strategy

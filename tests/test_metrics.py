@@ -165,6 +165,13 @@ def test_one_evaluation_per_task_is_its_end_value() -> None:
     np.testing.assert_allclose(m.forgetting_from_history(h, k=5), [0.9 - 0.5])
     np.testing.assert_allclose(m.new_task_gain_from_history(h, k=5), [0.8 - 0.2])
     assert m.plasticity_slope(m.end_of_task_scores(h)) == pytest.approx(-0.1)
+    # the run's per-task table reads the same end values: end of task - final = forgetting
+    from agents.results import metric_rows
+
+    rows = metric_rows(m.summarize(h), h, ["a", "b"], k=5)
+    assert [r["end_of_task"] for r in rows] == pytest.approx([0.9, 0.8])
+    assert [r["final"] for r in rows] == pytest.approx([0.5, 0.8])
+    assert rows[0]["end_of_task"] - rows[0]["final"] == pytest.approx(rows[0]["forgetting"])
     starts_only = m.EvalHistory(steps=[0, 100], scores=[[0.1, 0.0], [0.9, 0.2]],
                                 task_starts=[0, 100], total_steps=200)
     with pytest.raises(ValueError, match=r"task 1's window \(100, 200\] after its start"):

@@ -6,8 +6,11 @@ reset) and contribution utility u_i ← η u_i + (1 − η) E|h_i| Σ_k |w_ki| (
 times the magnitude of its outgoing weights), bias-corrected as u_i / (1 − η^{a_i}). After
 every update each layer adds ρ x (number of units older than the maturity threshold m) to a
 replacement budget; while the budget holds a whole unit, the mature unit of lowest utility is
-replaced (fresh incoming weights, zero outgoing weights, their optimiser moments zeroed as
-the paper's AdamGnT does, utility and age 0). The paper's
+replaced (fresh incoming weights, zero outgoing weights, their optimiser moments zeroed,
+utility and age 0). The paper's AdamGnT also restarts a per-weight step count, so Adam's bias
+correction treats a replaced weight as new; torch's Adam counts steps per tensor, so here
+the first updates of a replaced weight are larger than a fresh Adam's (zeroed moments under
+a bias correction of ~1: about 3x for β = (0.9, 0.999)). The paper's
 defaults: ρ = 1e-4, m = 100, η = 0.99. Not done here: the paper's mean-corrected variant,
 which also moves the replaced unit's mean contribution into the next layer's bias.
 """

@@ -171,8 +171,9 @@ class UnitTracker:
         producer's own initialiser draws them, and zero their outgoing weights in every
         consumer; in ``optimizers`` the recycled weights' per-weight state (Adam's moments,
         SGD's momentum) is zeroed too, so that the old weights' gradient history does not
-        steer the fresh ones (ReDo and CBP do this: Sokar et al. 2023; Dohare et al. 2024's
-        AdamGnT). Returns the number of units recycled."""
+        steer the fresh ones (Sokar et al. 2023 reset the moments; Dohare et al. 2024's
+        AdamGnT also restarts a per-weight step count, which torch's Adam does not keep).
+        Returns the number of units recycled."""
         if units.numel() == 0:
             return 0
         layer = self.layers[name]
