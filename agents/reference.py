@@ -96,8 +96,10 @@ class ReferenceRun:
 
     @property
     def final_return(self) -> float:
-        """Mean return over the last k evaluations (CW smooths end values with k = 5)."""
-        return float(self.mean_returns[-self.k:].mean())
+        """Mean return over the last k evaluations after step 0 (CW smooths end values with
+        k = 5; the evaluation at step 0 is the untrained policy's, never an end value)."""
+        trained = self.mean_returns[self.steps > 0]
+        return float((trained if trained.size else self.mean_returns)[-self.k:].mean())
 
     def history(self, normalizer: ScoreNormalizer, task: int | None = None) -> EvalHistory:
         """The run's scores as a one-task EvalHistory, normalised like the continual run."""

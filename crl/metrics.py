@@ -361,8 +361,21 @@ def new_task_gain_from_history(history: EvalHistory, k: int = 5) -> np.ndarray:
     N = history.n_tasks
     out = np.empty(max(N - 1, 0))
     for i in range(1, N):
-        out[i - 1] = end_scores(history, i, i, k).mean() - _window_scores(history, i, i)[0]
+        out[i - 1] = end_scores(history, i, i, k).mean() - _start_score(history, i)
     return out
+
+
+def _start_score(history: EvalHistory, task: int) -> float:
+    """p_task when its training began: the evaluation at the window's first step, else the
+    latest one before it (an evaluation inside the window was taken after some training)."""
+    start, _ = history.window(task)
+    before = np.flatnonzero(history.steps <= start)
+    if before.size == 0:
+        raise ValueError(
+            f"no evaluation at or before task {task}'s start (step {start}): its score "
+            "before training is unknown; evaluate at every task start"
+        )
+    return float(history.scores[before[-1], task])
 
 
 def end_of_task_scores(history: EvalHistory, k: int = 5) -> np.ndarray:

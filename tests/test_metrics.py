@@ -172,6 +172,12 @@ def test_one_evaluation_per_task_is_its_end_value() -> None:
     assert [r["end_of_task"] for r in rows] == pytest.approx([0.9, 0.8])
     assert [r["final"] for r in rows] == pytest.approx([0.5, 0.8])
     assert rows[0]["end_of_task"] - rows[0]["final"] == pytest.approx(rows[0]["forgetting"])
+    # the baseline of the gain is the score at (or last before) the task's start, never an
+    # evaluation taken after some of its training
+    late = m.EvalHistory(steps=[0, 90, 150, 200], scores=[[0.1, 0.0], [0.9, 0.2], [0.6, 0.5],
+                                                          [0.5, 0.8]],
+                         task_starts=[0, 100], total_steps=200)
+    np.testing.assert_allclose(m.new_task_gain_from_history(late, k=5), [0.65 - 0.2])
     starts_only = m.EvalHistory(steps=[0, 100], scores=[[0.1, 0.0], [0.9, 0.2]],
                                 task_starts=[0, 100], total_steps=200)
     with pytest.raises(ValueError, match=r"task 1's window \(100, 200\] after its start"):
@@ -342,3 +348,21 @@ def test_new_task_gain_by_hand():
         "mean_new_task_gain_reason"]
     with pytest.raises(ValueError, match="k must be >= 1"):
         m.new_task_gain_from_history(h, k=0)
+
+
+def test_reference_final_return_leaves_out_the_untrained_evaluation() -> None:
+    """A reference run evaluated at its start and end (CartPoleRotated20's 10,240 steps):
+    its final return is the end's, not the mean with the untrained policy's."""
+    from pathlib import Path
+
+    from agents.reference import ReferenceRun
+
+    run = ReferenceRun(task=0, task_name="t", steps=np.array([0, 10240]),
+                       mean_returns=np.array([25.0, 190.2]),
+                       success_rates=np.array([np.nan, np.nan]), budget=10240,
+                       path=Path("unused"))
+    assert run.final_return == pytest.approx(190.2)
+    many = ReferenceRun(task=0, task_name="t", steps=np.arange(0, 7000, 1000),
+                        mean_returns=np.arange(7.0), success_rates=np.full(7, np.nan),
+                        budget=6000, path=Path("unused"))
+    assert many.final_return == pytest.approx(np.mean([2.0, 3.0, 4.0, 5.0, 6.0]))
