@@ -50,7 +50,7 @@ from torch.distributions import Distribution, Independent, Normal
 from torch.nn import functional as F
 
 from agents.continual import ContinualAgent, build_strategy, check_batch_keys, check_num_tasks
-from agents.evaluation import BatchedEvaluator
+from agents.evaluation import BatchedEvaluator, RandomPolicy
 from agents.heads import as_task, task_index_from_obs
 from agents.sac_buffer import TaskReplayBuffer, valid_count, valid_slots
 from agents.sac_policy import MultiHeadSACPolicy
@@ -131,7 +131,7 @@ class SACHost:
     def experience_batches(self) -> Iterator[Batch]:
         return self.agent.task_batches(everything=True)
 
-    def head_returns(self, heads: Sequence[int], episodes: int) -> list[float]:
+    def head_returns(self, heads: Sequence[int | None], episodes: int) -> list[float]:
         return self.agent.head_returns(heads, episodes)
 
     def optimizers(self) -> list[torch.optim.Optimizer]:
@@ -311,11 +311,12 @@ class ContinualSAC(ContinualAgent, SAC):
             self.replay_buffer.current_task = self.current_task
 
     # -- ClonEx's exploration -------------------------------------------------------------
-    def head_returns(self, heads: Sequence[int], episodes: int) -> list[float]:
+    def head_returns(self, heads: Sequence[int | None], episodes: int) -> list[float]:
         """Mean return on the running task of acting (deterministically) with each of
         ``heads``' policy: the task one-hot of the observation is set to the head's task, so
-        a multi-head actor uses that head (a single-head actor sees that task's id). Every
-        head plays the same ``episodes`` episode seeds, drawn from (seed, task)."""
+        a multi-head actor uses that head (a single-head actor sees that task's id); ``None``
+        plays uniform random actions (what SAC's warm-up does). Every head plays the same
+        ``episodes`` episode seeds, drawn from (seed, task)."""
         env = self.get_env()
         if env is None or self.current_task is None:
             raise RuntimeError("head_returns needs a running task (call start_task first)")
@@ -339,8 +340,13 @@ class ContinualSAC(ContinualAgent, SAC):
         with BatchedEvaluator(sequence, episodes, tasks=[self.current_task],
                               seed=seed) as evaluator:
             for head in heads:  # under the head's own evaluation context (PackNet's weights)
-                with self.strategy.evaluation(int(head)):
-                    result = evaluator.evaluate(_HeadPolicy(self.policy, int(head), num_tasks))
+                if head is None:
+                    policy = RandomPolicy(evaluator.vec_env.single_action_space, seed)
+                    result = evaluator.evaluate(policy)
+                else:
+                    with self.strategy.evaluation(int(head)):
+                        result = evaluator.evaluate(
+                            _HeadPolicy(self.policy, int(head), num_tasks))
                 out.append(float(result.mean_returns[0]))
         return out
 

@@ -254,7 +254,9 @@ class PlayingHost(QuadHost):
 
     def head_returns(self, heads, episodes):
         self.asked.append((list(heads), episodes))
-        return [self.returns[h] for h in heads]
+        return [self.random if h is None else self.returns[h] for h in heads]
+
+    random = 2.0  # uniform random actions' return (None among the candidates)
 
 
 def test_clonex_explores_with_the_earlier_head_of_highest_return():
@@ -286,6 +288,35 @@ def test_clonex_explores_with_the_earlier_head_of_highest_return():
     combo.on_task_start(1)
     assert combo.run_summary() == {"bc": {"clonex_choices": [
         {"task": 1, "head": 0, "returns": {0: 1.0}}]}}  # per member, only those with one
+
+
+def test_clonex_random_keeps_the_warm_up_random_where_no_head_beats_it():
+    """With clonex_random, uniform random actions (return 2.0) are one more candidate: head 0
+    (1.0) loses to them, head 1 (3.0) wins, and a tie (head 1 at 2.0) goes to the head."""
+    from crl.strategies.base import check_used_options
+    from crl.strategies.bc import BC
+
+    host = PlayingHost([1.0, 3.0, 2.0])
+    bc = BC(memory_size=40, clonex=True, clonex_episodes=2, clonex_random=True).bind(host)
+    bc.on_task_start(0)
+    bc.on_task_end(0)
+    bc.on_task_start(1)
+    assert host.asked == [([0, None], 2)]
+    assert bc.exploration_head is None and "clonex_head" not in bc.diagnostics()
+    assert bc.clonex_choices == [{"task": 1, "head": "random",
+                                  "returns": {0: 1.0, "random": 2.0}}]
+    bc.on_task_end(1)
+    bc.on_task_start(2)
+    assert bc.exploration_head == 1 and bc.clonex_choices[-1]["head"] == 1
+    host.returns = [1.0, 2.0, 2.0]
+    bc.on_task_end(2)
+    bc.on_task_start(3)
+    assert bc.exploration_head == 1  # 2.0 = random's 2.0: the head
+    off = make_strategy("bc", clonex_random=True)
+    with pytest.raises(ValueError, match="--bc-clonex-random would do nothing.*--bc-clonex"):
+        check_used_options(off, {"bc": {"clonex_random": True}})
+    with pytest.raises(ValueError, match="clonex_random must be true or false"):
+        BC(clonex=True, clonex_random="yes")
 
 
 def test_clonex_needs_a_host_that_plays_heads():
@@ -348,6 +379,36 @@ def test_clonex_on_sac_plays_every_head_and_warms_up_with_the_best():
     stored = sac.replay_buffer.observations[:20, 0]
     assert (stored[:, -4:] == np.eye(4)[2]).all()  # the true task-2 observations
     assert np.array_equal(as_task(stored, best, 4)[:, :-4], stored[:, :-4])
+
+
+def test_clonex_random_on_sac_plays_random_actions_on_the_same_episodes():
+    """Real SAC with clonex_random: random actions are measured on the running task beside
+    the heads, reproducibly; the choice is the best of the three, and where random actions
+    win the warm-up never asks the policy."""
+    sac = _clonex_sac(options={"clonex_random": True})
+    for task in (0, 1):
+        sac.start_task(task)
+        sac.learn(150, reset_num_timesteps=False)
+        sac.end_task(task)
+    predict = sac.policy.predict
+    calls: list[int] = []
+
+    def spy(obs, *args, **kwargs):
+        calls.append(1)
+        return predict(obs, *args, **kwargs)
+
+    sac.start_task(2)
+    choice = sac.strategy.clonex_choices[-1]
+    returns = choice["returns"]
+    assert set(returns) == {0, 1, "random"}
+    assert sac.head_returns([None], 2) == [pytest.approx(returns["random"])]
+    assert choice["head"] == max(returns, key=lambda h: (returns[h], h != "random"))
+    sac.policy.predict = spy  # type: ignore[method-assign]
+    sac.learn(20, reset_num_timesteps=False)  # inside the 50 warm-up steps
+    if choice["head"] == "random":
+        assert sac.strategy.exploration_head is None and calls == []
+    else:
+        assert sac.strategy.exploration_head == choice["head"] and len(calls) == 20
     sac.policy.predict = predict  # type: ignore[method-assign]
 
 

@@ -19,6 +19,11 @@ starts, every finished task's policy head acts on the new task for ``clonex_epis
 episodes (deterministic actions, the same episode seeds for every head), and the head with
 the highest mean return collects the task's exploration steps instead of uniform random
 actions (SAC's warm-up; ``host.head_returns`` runs the episodes).
+
+``clonex_random=True`` (not in the paper) adds uniform random actions to the candidates,
+playing the same episodes: where every earlier head does worse on the new task than random
+actions (tasks from unrelated environments: on MujocoMix 18 of ClonEx's 20 choices were
+below random), the warm-up stays SAC's own. Ties go to a head.
 """
 
 from __future__ import annotations
@@ -39,16 +44,19 @@ class BC(Replay):
 
     def __init__(self, memory_size: int = 10_000, batch_size: int = 128, lam: float = 1.0,
                  task_balanced: bool = True, clonex: bool = False, clonex_episodes: int = 5,
-                 seed: int = 0) -> None:
+                 clonex_random: bool = False, seed: int = 0) -> None:
         super().__init__(memory_size=memory_size, batch_size=batch_size,
                          task_balanced=task_balanced, mode="distill", lam=lam, seed=seed)
-        if not isinstance(clonex, bool):
-            raise ValueError(f"clonex must be true or false, got {clonex!r}")
+        for name, flag in (("clonex", clonex), ("clonex_random", clonex_random)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"{name} must be true or false, got {flag!r}")
         self.clonex = clonex
+        self.clonex_random = clonex_random
         self.explores_with_heads = clonex
         self.clonex_episodes = check_positive_int("clonex_episodes", clonex_episodes)
         self.exploration_head: int | None = None
-        #: per task start: {"task", "returns" {head: mean return}, "head"} (the choices made)
+        #: per task start: {"task", "returns" {head or "random": mean return}, "head"} (the
+        #: choices made; "head" is "random" where uniform random actions won)
         self.clonex_choices: list[dict[str, Any]] = []
 
     @property
@@ -72,19 +80,23 @@ class BC(Replay):
         heads = sorted(self.memory.counts())  # the finished tasks (a cycle may revisit one)
         if not self.clonex or not heads:
             return
-        returns = self._host().head_returns(heads, self.clonex_episodes)  # type: ignore[attr-defined]
-        best = max(range(len(heads)), key=lambda i: (returns[i], -i))  # ties: earliest head
-        self.exploration_head = heads[best]
-        self.clonex_choices.append({"task": int(task), "head": int(heads[best]),
-                                    "returns": {int(h): float(r)
-                                                for h, r in zip(heads, returns, strict=True)}})
+        candidates: list[int | None] = [*heads, None] if self.clonex_random else list(heads)
+        returns = self._host().head_returns(candidates, self.clonex_episodes)  # type: ignore[attr-defined]
+        best = max(range(len(candidates)), key=lambda i: (returns[i], -i))  # ties: earliest
+        self.exploration_head = candidates[best]  # None: the warm-up's own random actions
+        self.clonex_choices.append({"task": int(task), "head": _label(candidates[best]),
+                                    "returns": {_label(c): float(r)
+                                                for c, r in zip(candidates, returns,
+                                                                strict=True)}})
 
     def unused_options(self) -> dict[str, str]:
         if self.clonex:
             return super().unused_options()
         return super().unused_options() | {
             "clonex_episodes": "it sets how many episodes ClonEx's exploration plays per "
-                               "head, and ClonEx is off (add --bc-clonex)"}
+                               "head, and ClonEx is off (add --bc-clonex)",
+            "clonex_random": "it adds random actions to ClonEx's candidates, and ClonEx is "
+                             "off (add --bc-clonex)"}
 
     def diagnostics(self) -> dict[str, float]:
         out = super().diagnostics()
@@ -111,3 +123,8 @@ class BC(Replay):
         super().load_state_dict(state)
         self.exploration_head = state.get("exploration_head")
         self.clonex_choices = list(state.get("clonex_choices", []))
+
+
+def _label(candidate: int | None) -> int | str:
+    """A ClonEx candidate as results.json names it: the head's task, or "random"."""
+    return "random" if candidate is None else int(candidate)
