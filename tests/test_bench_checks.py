@@ -52,6 +52,12 @@ def test_claims_on_hand_made_rows(bench) -> None:
     rows[-1] = row("bc (clonex=True)", 0.90, 0.05, 0.78)
     assert bench.check(rows)[f"{where}: bc (clonex=True) reaches packnet's final performance "
                              "(P(T) 0.9 >= 0.9)"]
+    # the variant with random actions among ClonEx's candidates is checked on its own
+    rows.append(row("bc (clonex=True, clonex_random=True)", 0.85, 0.02, 0.7))
+    checks = bench.check(rows)
+    assert verdict("bc (clonex=True, clonex_random=True) forgets <= 0.1")
+    assert not verdict("bc (clonex=True, clonex_random=True) reaches packnet")  # 0.85
+    assert verdict("bc (clonex=True) reaches packnet")
 
 
 def test_references_once_per_head_setting(bench, monkeypatch) -> None:
