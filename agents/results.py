@@ -28,7 +28,7 @@ def metric_rows(summary: Mapping[str, Any], history: EvalHistory | None,
     for s in range(n):
         row: dict[str, Any] = {"task": names[s]}
         if history is not None:
-            row["end_of_task"] = float(end_scores(history, s, s, k).mean())
+            row["end_of_task"] = float(summary["end_of_task_score"][s])
             row["final"] = float(end_scores(history, n - 1, s, k).mean())
             row["auc"] = summary["auc"][s]
             row["forgetting"] = summary["forgetting"][s] if s < n - 1 else None

@@ -350,11 +350,10 @@ def new_task_gain_from_history(history: EvalHistory, k: int = 5) -> np.ndarray:
     """G_i for the tasks after the first (1 <= i < N), length N-1 (empty for one task).
 
     G_i = mean(p_i at the last k evaluations inside task i's window, after its start) - p_i
-    at the window's first evaluation (before task i is trained on): how much of task i the
-    agent learnt,
-    on the same end-of-task value as forgetting. A method that "forgets less" because it
-    stopped learning shows it here. The first task is left out: no method acts on it, so
-    its gain is the same for every method.
+    at the evaluation at (or last before) the window's first step, before task i is trained
+    on: how much of task i the agent learnt, on the same end-of-task value as forgetting.
+    A method that "forgets less" because it stopped learning shows it here. The first task
+    is left out: no method acts on it, so its gain is the same for every method.
     """
     if k < 1:
         raise ValueError(f"new_task_gain_from_history: k must be >= 1, got {k}.")
