@@ -22,7 +22,8 @@ For each file the script
      by not learning;
    - PackNet, replay and bc (with and without ClonEx's exploration) forget <= 0.1 and end
      above finetune's final performance (mean);
-   - bc with ClonEx's exploration reaches PackNet's final performance (mean).
+   - bc with ClonEx's exploration reaches PackNet's final performance (mean; where the
+     report holds several PackNet rows, e.g. more retraining steps, the best of them).
 
 New-task gain: per task after the first, its end-of-task score (mean of the last k
 evaluations of its window, as forgetting) minus its score when its training started
@@ -57,8 +58,8 @@ FINETUNE_FORGETTING = 0.3
 CLONEX_RANDOM = "bc (clonex=True, clonex_random=True)"
 KEEPERS = ("packnet", "replay", "bc", "bc (clonex=True)", CLONEX_RANDOM)
 KEEP_FORGETTING = 0.1
-#: ClonEx-SAC (bc + exploration with the best earlier head) must reach PackNet's P(T);
-#: each ClonEx variant in the report is checked on its own
+#: ClonEx-SAC (bc + exploration with the best earlier head) must reach PackNet's P(T) (its
+#: best row in the report); each ClonEx variant in the report is checked on its own
 CLONEX, CLONEX_BAR = ("bc (clonex=True)", CLONEX_RANDOM), "packnet"
 UNCHECKED = ("finetune", "agem")
 
@@ -140,15 +141,19 @@ def check(rows: list[dict[str, Any]]) -> dict[str, bool]:
                     forg <= KEEP_FORGETTING)
                 checks[f"{where}: {method} ends above finetune (P(T) {perf:.3f} > "
                        f"{ft_perf:.3f})"] = perf is not None and perf > ft_perf
-        bar = by.get(CLONEX_BAR)
+        # the bar is PackNet's best row in the report (its default and any option variant)
+        bars = [(_float(r["performance"]), m) for m, r in by.items()
+                if m.partition(" (")[0] == CLONEX_BAR and _float(r["performance"]) is not None]
+        if not bars:
+            continue
+        bar_perf, bar = max(bars)
         for label in CLONEX:
             clonex = by.get(label)
-            if clonex is None or bar is None:
+            if clonex is None:
                 continue
-            perf, bar_perf = _float(clonex["performance"]), _float(bar["performance"])
-            checks[f"{where}: {label} reaches {CLONEX_BAR}'s final performance (P(T) "
-                   f"{perf} >= {bar_perf})"] = (perf is not None and bar_perf is not None
-                                                 and perf >= bar_perf)
+            perf = _float(clonex["performance"])
+            checks[f"{where}: {label} reaches {bar}'s final performance (P(T) "
+                   f"{perf} >= {bar_perf})"] = perf is not None and perf >= bar_perf
     return checks
 
 

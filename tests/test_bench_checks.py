@@ -58,6 +58,13 @@ def test_claims_on_hand_made_rows(bench) -> None:
     assert verdict("bc (clonex=True, clonex_random=True) forgets <= 0.1")
     assert not verdict("bc (clonex=True, clonex_random=True) reaches packnet")  # 0.85
     assert verdict("bc (clonex=True) reaches packnet")
+    # a PackNet row with other options that ends higher becomes the bar
+    rows.append(row("packnet (retrain_steps=10000)", 0.95, 0.0, 0.7))
+    rows.append(row("packnet (retrain_steps=10)", 0.20, 0.0, 0.7))
+    checks = bench.check(rows)
+    assert checks[f"{where}: bc (clonex=True) reaches packnet (retrain_steps=10000)'s final "
+                  "performance (P(T) 0.9 >= 0.95)"] is False
+    assert not verdict("bc (clonex=True) reaches packnet")
 
 
 def test_references_once_per_head_setting(bench, monkeypatch) -> None:
