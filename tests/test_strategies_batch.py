@@ -32,9 +32,18 @@ class QuadHost:
         return (self.module["a"] - 1) ** 2 + 2 * (self.module["b"] + 1) ** 2
 
 
-def test_si_path_integral_by_hand():
-    host = QuadHost()
+class FinalGradQuadHost(QuadHost):
+    """QuadHost that declares its gradient final in ``before_optimizer_step`` (SI's
+    two-pass form, as in the supervised trainer)."""
+
+    gradients_final_before_step = True
+
+
+@pytest.mark.parametrize("host_cls", [QuadHost, FinalGradQuadHost])
+def test_si_path_integral_by_hand(host_cls):
+    host = host_cls()
     si = SI(lam=0.5, xi=0.1).bind(host)
+    assert si.sees_final_gradient == (host_cls is FinalGradQuadHost)
     si.on_task_start(0)
     opt = torch.optim.SGD(host.module.values(), lr=0.1)
     a, b, omega_a, omega_b = 0.0, 0.0, 0.0, 0.0
@@ -63,6 +72,64 @@ def test_si_path_integral_by_hand():
     assert float(again.penalty().detach()) == pytest.approx(expected, rel=1e-5)
     with pytest.raises(ValueError, match="xi"):
         SI(xi=0.0)
+
+
+def test_si_two_pass_refuses_a_gradient_edited_between_the_hooks():
+    """A host that declares its gradient final but clips it after the hook would make the
+    two-pass form credit g θ_before − g' θ_after: SI must stop, not accumulate it."""
+    host = FinalGradQuadHost()
+    si = SI().bind(host)
+    si.on_task_start(0)
+    opt = torch.optim.SGD(host.module.values(), lr=0.1)
+    host.loss().backward()
+    si.before_optimizer_step()
+    torch.nn.utils.clip_grad_norm_(host.module.values(), 0.5)  # edits .grad in place
+    opt.step()
+    with pytest.raises(RuntimeError, match="gradient changed between"):
+        si.after_optimizer_step()
+
+
+@pytest.mark.parametrize("name,final", [("si+agem", False), ("agem+si", True),
+                                        ("si+packnet", False), ("si+redo", True),
+                                        ("redo+si", True)])
+def test_combination_hands_si_the_final_gradient_only_when_nothing_edits_it_later(name, final):
+    """A member whose before_optimizer_step runs after SI's (A-GEM's projection, PackNet's
+    masks) may edit .grad: SI must then keep the copy form."""
+    host = FinalGradQuadHost()
+    options = {"packnet": {"num_tasks": 2}} if "packnet" in name else {}
+    s = make_strategy(name, **options).bind(host)
+    si = next(m for m in s.members if m.name == "si")
+    assert si.sees_final_gradient is final
+
+
+def test_si_two_pass_equals_the_copy_form_on_the_supervised_trainer(tmp_path):
+    """The supervised trainer declares its gradient final: SI's Ω after the first task (same
+    trajectory either way: no penalty yet) matches the copy form's up to rounding."""
+    from crl.supervised import trainer as tr
+    from crl.supervised.models import MLPClassifier
+
+    omegas = []
+    for final in (True, False):
+        torch.manual_seed(0)
+        model = MLPClassifier(in_features=16, hidden=(32, 32), head_outputs=4)
+        host = tr.ClassifierHost(model, tr.TrainerConfig(), torch.Generator().manual_seed(0))
+        host.gradients_final_before_step = final  # instance attribute over the class's
+        si = SI().bind(host)
+        assert si.sees_final_gradient is final
+        si.on_task_start(0)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        g = torch.Generator().manual_seed(1)
+        for update in range(40):
+            batch = {"x": torch.randn(32, 16, generator=g),
+                     "y": torch.randint(0, 4, (32,), generator=g),
+                     "task": torch.zeros(32, dtype=torch.long)}
+            tr._train_step(host, si, opt, batch, 0, update + 1)
+        si.on_task_end(0)
+        assert si.omega is not None
+        omegas.append(si.omega)
+    for n in omegas[0]:
+        assert float(omegas[0][n].abs().max()) > 0
+        torch.testing.assert_close(omegas[0][n], omegas[1][n], rtol=1e-3, atol=1e-6)
 
 
 class HeadsHost:

@@ -131,6 +131,14 @@ class Strategy:
     #: (replay: distillation, the replay an on-policy learner can use).
     on_policy_options: dict[str, Any] = {}  # noqa: RUF012 - read-only class default
 
+    #: Set at :meth:`bind`: whether ``.grad`` in this strategy's ``before_optimizer_step`` is
+    #: the gradient the optimiser steps with (nothing edits it between that hook and
+    #: ``after_optimizer_step``). A host declares it with ``gradients_final_before_step``
+    #: (the supervised trainer; not PPO, which clips after the hook, nor SAC, whose actor
+    #: backward runs between the critic step's hooks); a combination clears it for members
+    #: followed by another member's ``before_optimizer_step``. SI uses it to skip a copy.
+    sees_final_gradient: bool = False
+
     @property
     def penalty_label(self) -> str:
         """The log name of :meth:`penalty`'s value (hosts log it as ``train/<label>``)."""
@@ -145,6 +153,7 @@ class Strategy:
     def bind(self, host: Host) -> Strategy:
         """Attach the host adapter; called once before the first task."""
         self.host = host
+        self.sees_final_gradient = bool(getattr(host, "gradients_final_before_step", False))
         return self
 
     def _host(self) -> Host:

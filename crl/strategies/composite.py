@@ -53,8 +53,11 @@ class Composite(Strategy):
 
     def bind(self, host: Host) -> Composite:
         super().bind(host)
-        for m in self.members:
+        for i, m in enumerate(self.members):
             m.bind(host)
+            if any(type(later).before_optimizer_step is not Strategy.before_optimizer_step
+                   for later in self.members[i + 1:]):  # may edit .grad after m's hook
+                m.sees_final_gradient = False
         return self
 
     def on_task_start(self, task: int) -> None:

@@ -105,6 +105,9 @@ class SupervisedResult:
 class ClassifierHost:
     """Adapts a classifier to the strategy contract (:class:`crl.strategies.base.Host`)."""
 
+    #: ``_train_step`` steps with the gradient ``before_optimizer_step`` sees (no clipping)
+    gradients_final_before_step = True
+
     def __init__(self, model: nn.Module, config: TrainerConfig, generator: torch.Generator):
         self.module = model
         self.config = config
