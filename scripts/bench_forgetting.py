@@ -53,8 +53,9 @@ DEFAULT_SWEEPS = (ROOT / "scripts/sweeps/classicmix-ppo-report.yaml",
                   ROOT / "scripts/sweeps/mujocomix-sac-report.yaml")
 FINETUNE_FORGETTING = 0.3
 #: methods that must keep the old tasks (forgetting <= KEEP_FORGETTING) and end above
-#: finetune; bc (ClonEx-SAC's regulariser) from the strategies issue
-#: (and the ClonEx variant with random actions among the candidates, --bc-clonex-random)
+#: finetune: PackNet (its default and every option variant in the report), replay, bc
+#: (ClonEx-SAC's regulariser, from the strategies issue) and its ClonEx variants (random
+#: actions among the candidates: --bc-clonex-random)
 CLONEX_RANDOM = "bc (clonex=True, clonex_random=True)"
 KEEPERS = ("packnet", "replay", "bc", "bc (clonex=True)", CLONEX_RANDOM)
 KEEP_FORGETTING = 0.1
@@ -136,14 +137,15 @@ def check(rows: list[dict[str, Any]]) -> dict[str, bool]:
                    f"finetune's CI low {ft_low:.3f})"] = forg < ft_low
             checks[f"{where}: {method} learns the new tasks (gain {gain:.3f} >= half of "
                    f"finetune's {ft_gain:.3f})"] = gain >= 0.5 * ft_gain
-            if method in KEEPERS:
+            if method in KEEPERS or method.partition(" (")[0] == CLONEX_BAR:  # any PackNet
                 checks[f"{where}: {method} forgets <= {KEEP_FORGETTING} (mean {forg:.3f})"] = (
                     forg <= KEEP_FORGETTING)
                 checks[f"{where}: {method} ends above finetune (P(T) {perf:.3f} > "
                        f"{ft_perf:.3f})"] = perf is not None and perf > ft_perf
         # the bar is PackNet's best row in the report (its default and any option variant)
-        bars = [(_float(r["performance"]), m) for m, r in by.items()
-                if m.partition(" (")[0] == CLONEX_BAR and _float(r["performance"]) is not None]
+        bars = [(perf, m) for m, r in by.items()
+                if m.partition(" (")[0] == CLONEX_BAR and (perf := _float(r["performance"]))
+                is not None]
         if not bars:
             continue
         bar_perf, bar = max(bars)

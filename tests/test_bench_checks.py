@@ -65,6 +65,10 @@ def test_claims_on_hand_made_rows(bench) -> None:
     assert checks[f"{where}: bc (clonex=True) reaches packnet (retrain_steps=10000)'s final "
                   "performance (P(T) 0.9 >= 0.95)"] is False
     assert not verdict("bc (clonex=True) reaches packnet")
+    # PackNet's variants are keepers like its default: each gets the keeper checks
+    assert verdict("packnet (retrain_steps=10000) forgets <= 0.1")
+    assert verdict("packnet (retrain_steps=10000) ends above finetune")
+    assert not verdict("packnet (retrain_steps=10) ends above finetune")  # 0.20 < 0.40
 
 
 def test_references_once_per_head_setting(bench, monkeypatch) -> None:
