@@ -102,7 +102,7 @@ def test_combination_hands_si_the_final_gradient_only_when_nothing_edits_it_late
     assert si.sees_final_gradient is final
 
 
-def test_si_two_pass_equals_the_copy_form_on_the_supervised_trainer(tmp_path):
+def test_si_two_pass_equals_the_copy_form_on_the_supervised_trainer():
     """The supervised trainer declares its gradient final: SI's Ω after the first task (same
     trajectory either way: no penalty yet) matches the copy form's up to rounding."""
     from crl.supervised import trainer as tr
